@@ -1,0 +1,262 @@
+"""The op registry: every backend's forward/backward op pair, its fake
+(meta) implementation and its autograd formula, and backend resolution.
+
+Every backend exposes the same two ops in the ``lora_kernels`` namespace:
+
+``<fwd>(x, weight, bias?, lora_A, lora_B, scaling, dropout_p, seed?) -> (y, S)``
+    x is 2-D (M, K); S = dropout(x)·Aᵀ is (M, r) in the accumulate dtype
+    (fp32, or fp64 for fp64 inputs); ``seed`` is a one-element int64 tensor on
+    x's device, required when dropout_p > 0.
+``<bwd>(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed?, output_mask[5])
+-> (grad_x, grad_weight, grad_bias, grad_A, grad_B)``
+    gradients whose mask entry is false are not computed and come back as
+    empty tensors (shape (0,), x's dtype and device).
+
+Ops: ``lora_forward``/``lora_backward`` (C++ schema, CPU and CUDA kernels in
+the compiled extension), ``triton_lora_forward``/``triton_lora_backward``
+(``torch.library.triton_op``) and ``torch_lora_forward``/``torch_lora_backward``
+(the PyTorch reference, ``torch.library.custom_op``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _extension, reference
+from .reference import accumulate_dtype
+
+BACKEND_ENV_VAR = "LORA_KERNELS_BACKEND"
+BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "torch")
+
+_FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_ALL_FLOAT_DTYPES = _FLOAT_DTYPES | {torch.float64}
+
+
+# --------------------------------------------------------------------------
+# Fake implementations and autograd, shared by every op pair
+# --------------------------------------------------------------------------
+
+
+def lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    S = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=accumulate_dtype(x.dtype))
+    return y, S
+
+
+def lora_backward_fake(
+    grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask
+):
+    shapes_like = (x, weight, weight.new_empty(weight.shape[0]), lora_A, lora_B)
+    return tuple(
+        t.new_empty(t.shape) if needed else x.new_empty(0)
+        for t, needed in zip(shapes_like, output_mask, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    _, S = output
+    # Saved: x (alive anyway), the parameters, S (M×r) and the seed --
+    # never x̃ or a mask.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+
+
+def _make_backward(backward_op: Callable) -> Callable:
+    def backward(ctx, grad_y, grad_S):
+        x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[1], needs[2], needs[3], needs[4]]
+        if not any(mask):
+            return (None,) * 8
+        grads = backward_op(
+            grad_y, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, seed, mask
+        )
+        return (*(g if m else None for g, m in zip(grads, mask, strict=True)), None, None, None)
+
+    return backward
+
+
+def register_op_pair(forward_op, backward_op, *, with_fake: bool = True) -> None:
+    """Register fake implementations (unless the op traces itself, like a
+    ``triton_op``) and the autograd formula of a forward/backward op pair."""
+    if with_fake:
+        torch.library.register_fake(forward_op)(lora_forward_fake)
+        torch.library.register_fake(backward_op)(lora_backward_fake)
+    torch.library.register_autograd(
+        forward_op, _make_backward(backward_op), setup_context=_setup_context
+    )
+
+
+# --------------------------------------------------------------------------
+# The `torch` backend's ops
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lora_kernels::torch_lora_forward", mutates_args=())
+def torch_lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@torch.library.custom_op("lora_kernels::torch_lora_backward", mutates_args=())
+def torch_lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    S: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference.lora_backward(
+        grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask
+    )
+
+
+register_op_pair(torch_lora_forward, torch_lora_backward)
+
+if _extension.available():
+    register_op_pair("lora_kernels::lora_forward", "lora_kernels::lora_backward")
+
+
+# --------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to run the LoRA op pair.
+
+    ``forward``/``backward`` are the registered, autograd-aware ops;
+    ``unavailable`` returns why the backend cannot run on a device (None
+    when it can); ``dtypes`` are the input dtypes it accepts.
+    """
+
+    name: str
+    forward: Callable
+    backward: Callable
+    unavailable: Callable[[torch.device], str | None]
+    dtypes: frozenset[torch.dtype] = field(default=_ALL_FLOAT_DTYPES)
+
+    def unsupported(self, x: torch.Tensor) -> str | None:
+        """Why this backend cannot run on ``x`` (None when it can)."""
+        reason = self.unavailable(x.device)
+        if reason is None and x.dtype not in self.dtypes:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
+            reason = f"it supports x dtypes {names}, got {str(x.dtype).removeprefix('torch.')}"
+        return reason
+
+
+def _extension_unavailable(device_type: str) -> Callable[[torch.device], str | None]:
+    dispatch_key = "CUDA" if device_type == "cuda" else "CPU"
+
+    def unavailable(device: torch.device) -> str | None:
+        if device.type != device_type:
+            return f"it runs on {device_type} tensors, got a {device.type} tensor"
+        if not _extension.available():
+            return f"the compiled extension lora_kernels._C is unavailable: {_extension.error()}"
+        if not _extension.has_kernel("lora_forward", dispatch_key):
+            return f"lora_kernels._C was built without {device_type.upper()} kernels"
+        return None
+
+    return unavailable
+
+
+_BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", torch_lora_forward, torch_lora_backward, lambda device: None),
+}
+if _extension.available():
+    for _device_type in ("cpu", "cuda"):
+        _BACKENDS[_device_type] = Backend(
+            _device_type,
+            torch.ops.lora_kernels.lora_forward.default,
+            torch.ops.lora_kernels.lora_backward.default,
+            _extension_unavailable(_device_type),
+        )
+else:
+    for _device_type in ("cpu", "cuda"):
+        _BACKENDS[_device_type] = Backend(
+            _device_type, None, None, _extension_unavailable(_device_type)
+        )
+
+
+def register_backend(backend: Backend) -> None:
+    """Add or replace a backend (used by the Triton package on import)."""
+    _BACKENDS[backend.name] = backend
+
+
+def _load_optional_backends() -> None:
+    # Imported lazily: importing triton is slow and may fail on machines
+    # without it, which must not break the other backends.
+    if "triton" not in _BACKENDS:
+        from . import triton_backend  # noqa: F401  (registers itself)
+
+
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def get_backend(name: str) -> Backend:
+    _load_optional_backends()
+    return _BACKENDS[name]
+
+
+def resolve_backend(name: str, x: torch.Tensor) -> Backend:
+    """The backend that runs ``x`` for the requested ``name``.
+
+    ``auto`` (or the ``LORA_KERNELS_BACKEND`` environment variable, when set)
+    tries triton → cuda → torch on CUDA tensors and cpu → torch on CPU
+    tensors, skipping backends that cannot take the input; it never fails
+    where ``torch`` works. A backend asked for by name that cannot run raises.
+    """
+    if name == "auto":
+        name = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
+        if name not in BACKEND_NAMES:
+            raise ValueError(
+                f"{BACKEND_ENV_VAR}={name!r} is not a backend; expected one of {BACKEND_NAMES}"
+            )
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(x.device.type, ("torch",)):
+            backend = get_backend(candidate)
+            if backend.unsupported(x) is None:
+                return backend
+        raise AssertionError("unreachable: the torch backend supports every input")
+    backend = get_backend(name)
+    reason = backend.unsupported(x)
+    if reason is not None:
+        raise RuntimeError(f"lora_kernels backend {name!r} cannot run this input: {reason}")
+    return backend
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default: every device this machine has)."""
+    _load_optional_backends()
+    if device is None:
+        devices = [torch.device("cpu")]
+        if torch.cuda.is_available():
+            devices.append(torch.device("cuda"))
+    else:
+        devices = [torch.device(device)]
+    names = []
+    for name in ("triton", "cuda", "cpu", "torch"):
+        backend = _BACKENDS[name]
+        if any(backend.unavailable(d) is None for d in devices):
+            names.append(name)
+    return names

@@ -1,0 +1,73 @@
+"""``lora_linear``: the autograd-aware fused LoRA linear op."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation
+from ._ops import BACKEND_NAMES, resolve_backend
+from .dropout import draw_seed
+
+
+def _autocast(tensors: dict[str, torch.Tensor | None], device_type: str) -> dict:
+    """Cast like nn.Linear under torch.autocast: floating, non-float64 tensors
+    to the autocast dtype. fp32 adapters are kept (as peft keeps them)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    target = torch.get_autocast_dtype(device_type)
+    cast = {}
+    for name, t in tensors.items():
+        keep = (
+            t is None
+            or t.dtype in (target, torch.float64)
+            or (name in ("lora_A", "lora_B") and t.dtype == torch.float32)
+        )
+        cast[name] = t if keep else t.to(target)
+    return cast
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float = 1.0,
+    *,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused LoRA linear: ``x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ``.
+
+    Args:
+        x: input of shape (..., in_features); any strides.
+        weight: frozen base weight W0, (out_features, in_features), x's dtype.
+        lora_A: (r, in_features), x's dtype or float32 (peft's ``lora_A.weight``).
+        lora_B: (out_features, r), x's dtype or float32 (peft's ``lora_B.weight``).
+        scaling: s, e.g. ``lora_alpha / r``.
+        bias: optional (out_features,) in x's dtype.
+        dropout_p: dropout probability on the LoRA branch only; applied when > 0
+            (pass 0 in evaluation). The mask is drawn from torch's default
+            generator, so ``torch.manual_seed`` makes it reproducible.
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
+
+    Returns:
+        y of shape (..., out_features) in x's dtype (the autocast dtype under autocast).
+    """
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    _validation.check_tensor_types(x, weight, lora_A, lora_B, bias)
+    scaling, dropout_p = _validation.check_scalars(scaling, dropout_p)
+    t = _autocast(
+        {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B},
+        x.device.type,
+    )
+    x, weight, bias, lora_A, lora_B = t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
+    _validation.check_lora_args(x, weight, lora_A, lora_B, bias)
+
+    impl = resolve_backend(backend, x)
+    lead_shape = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
+    y2d, _ = impl.forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y2d.reshape(*lead_shape, weight.shape[0])
