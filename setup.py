@@ -49,7 +49,11 @@ def _want_cuda(cuda_home: str | None) -> bool:
         if want and (torch.version.cuda is None or cuda_home is None):
             raise RuntimeError(
                 "LORA_KERNELS_BUILD_CUDA=1 but "
-                + ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found")
+                + (
+                    "torch is a CPU-only build"
+                    if torch.version.cuda is None
+                    else "nvcc was not found"
+                )
                 + "; install a CUDA build of torch and the CUDA toolkit, or unset the variable."
             )
         return want
@@ -85,7 +89,7 @@ def _extension():
     with_cuda = _want_cuda(CUDA_HOME)
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-DPy_LIMITED_API=0x03090000"]
     define_macros: list[tuple[str, str | None]] = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     _log(f"MAX_JOBS={os.environ['MAX_JOBS']}")
@@ -98,7 +102,7 @@ def _extension():
         define_macros.append(("LORA_KERNELS_WITH_CUDA", None))
         nvcc_flags = [
             "-O3",
-            "-std=c++17",
+            "-std=c++20",
             "--use_fast_math",
             "--expt-relaxed-constexpr",
             "-lineinfo",

@@ -47,9 +47,7 @@ def lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return y, S
 
 
-def lora_backward_fake(
-    grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask
-):
+def lora_backward_fake(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask):
     shapes_like = (x, weight, weight.new_empty(weight.shape[0]), lora_A, lora_B)
     return tuple(
         t.new_empty(t.shape) if needed else x.new_empty(0)
@@ -58,7 +56,7 @@ def lora_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
     _, S = output
     # Saved: x (alive anyway), the parameters, S (M×r) and the seed --
     # never x̃ or a mask.
@@ -133,7 +131,9 @@ def torch_lora_backward(
 register_op_pair(torch_lora_forward, torch_lora_backward)
 
 if _extension.available():
-    register_op_pair("lora_kernels::lora_forward", "lora_kernels::lora_backward")
+    register_op_pair(
+        torch.ops.lora_kernels.lora_forward.default, torch.ops.lora_kernels.lora_backward.default
+    )
 
 
 # --------------------------------------------------------------------------

@@ -95,8 +95,12 @@ def check_lora_args(x, weight, lora_A, lora_B, bias) -> None:
     for name, value in (("lora_A", lora_A), ("lora_B", lora_B)):
         if value.dtype not in adapter_dtypes:
             allowed = " or ".join(sorted(_dtype_name(d) for d in adapter_dtypes))
-            raise TypeError(f"{name} must be {allowed} for x of dtype {_dtype_name(x.dtype)}, got {_dtype_name(value.dtype)}")
+            raise TypeError(
+                f"{name} must be {allowed} for x of dtype {_dtype_name(x.dtype)}, got {_dtype_name(value.dtype)}"
+            )
 
     for name, value in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
         if value is not None and value.device != x.device:
-            raise ValueError(f"{name} is on {value.device} but x is on {x.device}; move both to one device")
+            raise ValueError(
+                f"{name} is on {value.device} but x is on {x.device}; move both to one device"
+            )

@@ -61,10 +61,15 @@ class LoRALinear(nn.Module):
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
 
         if _base_layer is None:
-            _base_layer = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+            _base_layer = nn.Linear(
+                in_features, out_features, bias=bias, device=device, dtype=dtype
+            )
         self.base_layer = _base_layer
         self.base_layer.requires_grad_(False)
-        factory = {"device": self.base_layer.weight.device, "dtype": dtype or self.base_layer.weight.dtype}
+        factory = {
+            "device": self.base_layer.weight.device,
+            "dtype": dtype or self.base_layer.weight.dtype,
+        }
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
 

@@ -65,8 +65,8 @@ def lora_backward(
     """(grad_x, grad_weight, grad_bias, grad_A, grad_B); unrequested ones are empty."""
     need_x, need_w, need_b, need_a, need_bb = output_mask
     acc = accumulate_dtype(x.dtype)
-    empty = x.new_empty(0)
-    grad_x = grad_w = grad_b = grad_a = grad_bb = empty
+    # Distinct empties: outputs of a custom op must not alias each other.
+    grad_x, grad_w, grad_b, grad_a, grad_bb = (x.new_empty(0) for _ in range(5))
     with torch.autocast(x.device.type, enabled=False):
         dy_acc = grad_y.to(acc)
         if need_x or need_a:

@@ -1,0 +1,48 @@
+# Single entry point. The two quick-start commands:
+#   make bench   run the benchmark suite on the default device (CUDA if present, else CPU)
+#   make test    run the test suite
+# Each creates or reuses the project venv (.venv) and (re)builds the extension first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.14.1
+DEPS_STAMP := $(VENV)/.deps-installed
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: test bench build lint format venv clean
+
+venv: $(DEPS_STAMP)
+
+# torch first, pinned, so no later install pulls another multi-GB copy; then the
+# project's extras. Re-run when pyproject.toml changes.
+$(DEPS_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
+	$(PIP) install --quiet ninja pytest pytest-benchmark ruff numpy tqdm \
+		"peft>=0.13" "transformers>=4.45" safetensors accelerate matplotlib
+	@touch $@
+
+# Incremental (ninja): only changed sources recompile.
+build: venv
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+
+test: build
+	LORA_KERNELS_REQUIRE_EXTENSION=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf build *.egg-info lora_kernels/_C*.so

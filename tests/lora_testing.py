@@ -1,0 +1,153 @@
+"""Shared test helpers: which backends run here, random LoRA problems, and
+the accuracy rule of DESIGN.md (error vs the float64 oracle at most 2× the
+`torch` backend's error in the same dtype, plus a small floor)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import lora_kernels
+
+# Floor of the pass rule, relative to the magnitude of the reference output.
+FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def device_backends() -> list[tuple[str, str]]:
+    """(device, backend) pairs that can run on this machine, `torch` included."""
+    pairs = [("cpu", name) for name in lora_kernels.available_backends("cpu")]
+    if torch.cuda.is_available():
+        pairs += [("cuda", name) for name in lora_kernels.available_backends("cuda")]
+    return pairs
+
+
+def backend_params(*, exclude: tuple[str, ...] = ()) -> list:
+    return [
+        pytest.param(device, name, id=f"{name}-{device}")
+        for device, name in device_backends()
+        if name not in exclude
+    ]
+
+
+@dataclass
+class Problem:
+    """Inputs of one LoRA linear call (leaf tensors, float64 master copies)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    grad_y: torch.Tensor
+    scaling: float
+
+    def cast(self, dtype: torch.dtype, adapter_dtype: torch.dtype | None = None) -> Problem:
+        adapter_dtype = adapter_dtype or dtype
+        return Problem(
+            self.x.to(dtype),
+            self.weight.to(dtype),
+            None if self.bias is None else self.bias.to(dtype),
+            self.lora_A.to(adapter_dtype),
+            self.lora_B.to(adapter_dtype),
+            self.grad_y.to(dtype),
+            self.scaling,
+        )
+
+
+def make_problem(
+    M: int | tuple[int, ...],
+    K: int,
+    N: int,
+    r: int,
+    *,
+    device: str = "cpu",
+    bias: bool = True,
+    scaling: float = 0.5,
+) -> Problem:
+    """Fresh random inputs (B nonzero, so the LoRA branch is exercised)."""
+    lead = (M,) if isinstance(M, int) else tuple(M)
+    kw = {"dtype": torch.float64, "device": device}
+    return Problem(
+        x=torch.randn(*lead, K, **kw),
+        weight=torch.randn(N, K, **kw) / K**0.5,
+        bias=torch.randn(N, **kw) if bias else None,
+        lora_A=torch.randn(r, K, **kw) / K**0.5,
+        lora_B=torch.randn(N, r, **kw) / r**0.5,
+        grad_y=torch.randn(*lead, N, **kw),
+        scaling=scaling,
+    )
+
+
+def run_lora(
+    problem: Problem,
+    backend: str,
+    *,
+    dropout_p: float = 0.0,
+    mask_seed: int = 1234,
+    grads_for: tuple[str, ...] = ("x", "lora_A", "lora_B"),
+) -> dict[str, torch.Tensor]:
+    """Forward + backward through `lora_linear`; returns y and the requested grads.
+
+    torch.manual_seed(mask_seed) right before the call makes every backend on
+    the same device draw the same dropout seed, hence the same mask.
+    """
+    leaves = {}
+    for name in ("x", "weight", "bias", "lora_A", "lora_B"):
+        t = getattr(problem, name)
+        if t is not None:
+            t = t.detach().clone().requires_grad_(name in grads_for)
+        leaves[name] = t
+    torch.manual_seed(mask_seed)
+    y = lora_kernels.lora_linear(
+        leaves["x"],
+        leaves["weight"],
+        leaves["lora_A"],
+        leaves["lora_B"],
+        problem.scaling,
+        bias=leaves["bias"],
+        dropout_p=dropout_p,
+        backend=backend,
+    )
+    out = {"y": y.detach()}
+    if grads_for:
+        y.backward(problem.grad_y.to(y.dtype))
+        for name in grads_for:
+            out[f"d{name}"] = leaves[name].grad
+    return out
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_matches_oracle(
+    candidate: dict[str, torch.Tensor],
+    baseline: dict[str, torch.Tensor],
+    oracle: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    context: str = "",
+) -> None:
+    """DESIGN.md's pass rule, output by output."""
+    assert candidate.keys() == oracle.keys()
+    for name, ref in oracle.items():
+        got = candidate[name]
+        assert got is not None, f"{context}: {name} is None"
+        assert got.shape == ref.shape, f"{context}: {name} shape {got.shape} != {ref.shape}"
+        assert torch.isfinite(got).all(), f"{context}: {name} has non-finite values"
+        scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+        err = max_error(got, ref)
+        allowed = 2.0 * max_error(baseline[name], ref) + FLOOR[dtype] * scale
+        assert err <= allowed, (
+            f"{context}: {name} error {err:.3e} vs float64 oracle exceeds {allowed:.3e} "
+            f"(2x torch backend in {dtype} + floor)"
+        )

@@ -1,0 +1,198 @@
+"""Every backend against the float64 oracle: dtypes, odd shapes, batch dims,
+strides, M = 0, bias, mixed adapter dtypes, autocast and dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_kernels
+
+from lora_testing import (
+    LOW_PRECISION,
+    assert_matches_oracle,
+    backend_params,
+    make_problem,
+    run_lora,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ALL_GRADS = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+def check_backend(
+    device, backend, problem, dtype, *, dropout_p=0.0, grads_for=ALL_GRADS, adapter_dtype=None
+):
+    if problem.bias is None:
+        grads_for = tuple(g for g in grads_for if g != "bias")
+    candidate = run_lora(
+        problem.cast(dtype, adapter_dtype), backend, dropout_p=dropout_p, grads_for=grads_for
+    )
+    baseline = run_lora(
+        problem.cast(dtype, adapter_dtype), "torch", dropout_p=dropout_p, grads_for=grads_for
+    )
+    oracle = run_lora(problem, "torch", dropout_p=dropout_p, grads_for=grads_for)
+    assert candidate["y"].dtype == dtype
+    assert_matches_oracle(
+        candidate, baseline, oracle, dtype, context=f"{backend}/{device}/{dtype}/p={dropout_p}"
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_odd_shape_all_gradients(device, backend, dtype):
+    problem = make_problem(5, 123, 77, 3, device=device)
+    check_backend(device, backend, problem, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_dropout_gradients_match_oracle(device, backend, dtype):
+    # The oracle draws the same seed (same generator state), so any mismatch
+    # in the mask between forward and backward shows up in dA and dx.
+    problem = make_problem(6, 40, 24, 5, device=device)
+    check_backend(device, backend, problem, dtype, dropout_p=0.3)
+
+
+@pytest.mark.parametrize(
+    ("lead", "K", "N", "r", "bias"),
+    [
+        ((2, 3), 32, 16, 4, True),  # leading batch dims
+        ((1,), 17, 9, 1, False),  # r = 1, single row, no bias
+        ((33,), 64, 48, 16, True),  # tails beyond one tile
+        ((0,), 20, 12, 4, True),  # M = 0
+        ((3, 0, 2), 20, 12, 4, False),  # M = 0 with batch dims
+    ],
+    ids=["batch-dims", "r1-nobias", "tails-r16", "M0", "M0-batch"],
+)
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_shapes_fp32(device, backend, lead, K, N, r, bias):
+    problem = make_problem(lead, K, N, r, device=device, bias=bias)
+    check_backend(device, backend, problem, torch.float32, dropout_p=0.1)
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_non_contiguous_x(device, backend):
+    problem = make_problem(7, 30, 20, 4, device=device)
+    wide = torch.randn(7, 60, dtype=torch.float64, device=device)
+    problem.x = wide[:, ::2]  # stride 2 along K
+    assert not problem.x.is_contiguous()
+    check_backend(device, backend, problem, torch.float32, dropout_p=0.2)
+    problem.x = torch.randn(30, 7, dtype=torch.float64, device=device).t()  # transposed
+    check_backend(device, backend, problem, torch.float32, dropout_p=0.2)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_fp32_adapters_with_low_precision_x(device, backend, dtype):
+    problem = make_problem(9, 48, 40, 8, device=device)
+    check_backend(device, backend, problem, dtype, adapter_dtype=torch.float32, dropout_p=0.1)
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_only_requested_gradients(device, backend):
+    problem = make_problem(5, 16, 8, 2, device=device)
+    # Frozen base and x without grad: only the adapters get gradients.
+    check_backend(device, backend, problem, torch.float32, grads_for=("lora_A", "lora_B"))
+    check_backend(device, backend, problem, torch.float32, grads_for=("x",))
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_backward_op_skips_unrequested_outputs(device, backend):
+    impl = lora_kernels._ops.get_backend(backend)
+    p = make_problem(4, 16, 8, 2, device=device).cast(torch.float32)
+    _, S = impl.forward(p.x, p.weight, p.bias, p.lora_A, p.lora_B, 1.0, 0.0, None)
+    for mask in ([True, False, False, False, False], [False, False, True, False, True]):
+        grads = impl.backward(p.grad_y, p.x, p.weight, p.lora_A, p.lora_B, S, 1.0, 0.0, None, mask)
+        for g, wanted, like in zip(
+            grads, mask, (p.x, p.weight, p.bias, p.lora_A, p.lora_B), strict=True
+        ):
+            assert g.shape == (like.shape if wanted else (0,))
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_autocast_like_nn_linear(device, backend):
+    dtype = torch.bfloat16
+    problem = make_problem(6, 32, 24, 4, device=device)
+    fp32 = problem.cast(torch.float32)
+    with torch.autocast(device_type=device, dtype=dtype):
+        y = lora_kernels.lora_linear(
+            fp32.x,
+            fp32.weight,
+            fp32.lora_A,
+            fp32.lora_B,
+            fp32.scaling,
+            bias=fp32.bias,
+            backend=backend,
+        )
+        base = torch.nn.functional.linear(fp32.x, fp32.weight, fp32.bias)
+    assert y.dtype == base.dtype == dtype
+    # Same as casting x, W, b to bf16 by hand with fp32 adapters.
+    expected = run_lora(problem.cast(dtype, torch.float32), backend, grads_for=())["y"]
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Dropout mask: bit-exact across backends, reproducible, fresh per seed
+# ---------------------------------------------------------------------------
+
+
+def _mask_through_op(device, backend, seed, M, K, p):
+    """Recover the keep-mask from the fused forward: x = 1, A = I (r = K) → S = D/(1−p)."""
+    impl = lora_kernels._ops.get_backend(backend)
+    x = torch.ones(M, K, device=device)
+    A = torch.eye(K, device=device)
+    B = torch.randn(3, K, device=device)
+    W = torch.randn(3, K, device=device)
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+    _, S = impl.forward(x, W, None, A, B, 1.0, p, seed_t)
+    return S != 0, S
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_dropout_mask_bit_exact_with_reference(device, backend):
+    from lora_kernels.dropout import dropout_keep_mask
+
+    M, K, p = 37, 45, 0.3
+    for seed in (0, 123456789012345, 2**62 + 12345):
+        got, S = _mask_through_op(device, backend, seed, M, K, p)
+        expected = dropout_keep_mask(torch.tensor([seed], device=device), M, K, p)
+        assert torch.equal(got, expected), f"seed {seed}: masks differ"
+        kept = S[got]
+        torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_dropout_same_seed_same_output_new_seed_new_mask(device, backend):
+    p = make_problem(8, 32, 16, 4, device=device).cast(torch.float32)
+    args = (p.x, p.weight, p.lora_A, p.lora_B, p.scaling)
+    torch.manual_seed(7)
+    y1 = lora_kernels.lora_linear(*args, bias=p.bias, dropout_p=0.5, backend=backend)
+    torch.manual_seed(7)
+    y2 = lora_kernels.lora_linear(*args, bias=p.bias, dropout_p=0.5, backend=backend)
+    y3 = lora_kernels.lora_linear(*args, bias=p.bias, dropout_p=0.5, backend=backend)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+    m1, _ = _mask_through_op(device, backend, 1, 16, 32, 0.5)
+    m2, _ = _mask_through_op(device, backend, 2, 16, 32, 0.5)
+    assert not torch.equal(m1, m2)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_dropout_kept_fraction(device, backend, p):
+    mask, _ = _mask_through_op(device, backend, 99, 64, 64, p)
+    frac = mask.double().mean().item()
+    # 4096 Bernoulli draws: 5 standard deviations is at most 0.04.
+    assert abs(frac - (1 - p)) < 5 * (p * (1 - p) / mask.numel()) ** 0.5
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_dropout_zero_ignores_generator(device, backend):
+    # p = 0 draws no seed: the generator state is untouched.
+    p = make_problem(4, 16, 8, 2, device=device).cast(torch.float32)
+    torch.manual_seed(3)
+    lora_kernels.lora_linear(p.x, p.weight, p.lora_A, p.lora_B, backend=backend)
+    after = torch.rand(1, device=device)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(1, device=device))

@@ -1,0 +1,140 @@
+"""The registered ops: torch.library.opcheck on every op, gradcheck in
+float64, and torch.compile(fullgraph=True) of a LoRA training step."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels import LoRALinear, _extension
+from lora_kernels._ops import get_backend
+
+from lora_testing import backend_params, make_problem
+
+# The Triton interpreter reads data pointers of fake tensors, so opcheck's
+# fake-tensor test and torch.compile of a triton_op only run on a GPU.
+_INTERPRETED_TRITON = ("triton",) if os.environ.get("TRITON_INTERPRET") == "1" else ()
+
+
+def _op_samples(device, dtype):
+    samples = []
+    for M, K, N, r, bias, p in [(5, 19, 11, 3, True, 0.0), (6, 16, 8, 4, False, 0.25)]:
+        prob = make_problem(M, K, N, r, device=device, bias=bias).cast(dtype)
+        seed = torch.tensor([987654321], dtype=torch.int64, device=device) if p else None
+        samples.append((prob, p, seed))
+    return samples
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("device", "backend"), backend_params(exclude=_INTERPRETED_TRITON))
+def test_opcheck(device, backend, dtype):
+    impl = get_backend(backend)
+    if dtype not in impl.dtypes:
+        pytest.skip(f"{backend} does not take {dtype}")
+    for prob, p, seed in _op_samples(device, dtype):
+        x = prob.x.requires_grad_()
+        A = prob.lora_A.requires_grad_()
+        B = prob.lora_B.requires_grad_()
+        fwd_args = (x, prob.weight, prob.bias, A, B, prob.scaling, p, seed)
+        torch.library.opcheck(impl.forward, fwd_args)
+        _, S = impl.forward(*(t.detach() if isinstance(t, torch.Tensor) else t for t in fwd_args))
+        for mask in (
+            [True] * 5,
+            [True, False, False, True, True],
+            [False, True, True, False, False],
+        ):
+            bwd_args = (
+                prob.grad_y,
+                x.detach(),
+                prob.weight,
+                A.detach(),
+                B.detach(),
+                S,
+                prob.scaling,
+                p,
+                seed,
+                mask,
+            )
+            torch.library.opcheck(impl.backward, bwd_args)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize(
+    ("device", "backend"),
+    [p for p in backend_params() if p.values[1] in ("torch", "cpu")],
+)
+def test_gradcheck_float64(device, backend, dropout_p):
+    prob = make_problem(4, 7, 5, 3, device=device)
+    inputs = [
+        t.clone().requires_grad_()
+        for t in (prob.x, prob.weight, prob.bias, prob.lora_A, prob.lora_B)
+    ]
+
+    def fn(x, weight, bias, lora_A, lora_B):
+        torch.manual_seed(0)  # every evaluation draws the same dropout seed
+        return lora_kernels.lora_linear(
+            x, weight, lora_A, lora_B, 0.7, bias=bias, dropout_p=dropout_p, backend=backend
+        )
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def _loss(layer, x):
+    return layer(x).square().mean()
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params(exclude=_INTERPRETED_TRITON))
+def test_compile_fullgraph_training_step(device, backend):
+    """Forward and loss compiled with fullgraph (any graph break raises); the
+    backward graph AOTAutograd derives holds the registered backward op."""
+    torch._dynamo.reset()
+    layer = LoRALinear(32, 24, r=4, lora_alpha=8, lora_dropout=0.1, backend=backend, device=device)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(2, 8, 32, device=device, requires_grad=True)
+    compiled = torch.compile(_loss, fullgraph=True, backend="aot_eager")
+
+    layer.train()  # dropout on: runs and gives finite gradients
+    compiled(layer, x).backward()
+    assert torch.isfinite(layer.lora_A.weight.grad).all() and torch.isfinite(x.grad).all()
+
+    layer.eval()  # dropout off: compiled and eager agree
+    grads = {}
+    for name, fn in (("compiled", compiled), ("eager", _loss)):
+        layer.zero_grad()
+        x.grad = None
+        loss = fn(layer, x)
+        loss.backward()
+        grads[name] = (
+            loss.detach(),
+            x.grad.clone(),
+            layer.lora_A.weight.grad.clone(),
+            layer.lora_B.weight.grad.clone(),
+        )
+    for c, e in zip(grads["compiled"], grads["eager"], strict=True):
+        torch.testing.assert_close(c, e)
+
+
+@pytest.mark.skipif(
+    not _extension.has_kernel("lora_forward", "CPU"), reason="C++ CPU kernels not built"
+)
+def test_compile_inductor_cpu_training_step():
+    torch._dynamo.reset()
+    layer = LoRALinear(32, 24, r=4, lora_dropout=0.1, backend="cpu")
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    optimizer = torch.optim.SGD([layer.lora_A.weight, layer.lora_B.weight], lr=0.05)
+    compiled = torch.compile(_loss, fullgraph=True)
+    x = torch.randn(16, 32)
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = compiled(layer, x)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert layer.lora_A.weight.grad is not None and layer.lora_A.weight.grad.abs().sum() > 0

@@ -1,0 +1,184 @@
+"""Bad input raises a clear TypeError/ValueError naming the argument, before
+any kernel runs; the C++ entry points check the same things themselves."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels import LoRALinear, lora_linear
+from lora_kernels._extension import has_kernel
+
+
+def _args(M=4, K=8, N=6, r=2, dtype=torch.float32):
+    return {
+        "x": torch.randn(M, K, dtype=dtype),
+        "weight": torch.randn(N, K, dtype=dtype),
+        "lora_A": torch.randn(r, K, dtype=dtype),
+        "lora_B": torch.randn(N, r, dtype=dtype),
+    }
+
+
+def _call(**overrides):
+    kwargs = {**_args(), "scaling": 1.0, "bias": torch.randn(6), "dropout_p": 0.0}
+    kwargs.update(overrides)
+    return lora_linear(
+        kwargs.pop("x"),
+        kwargs.pop("weight"),
+        kwargs.pop("lora_A"),
+        kwargs.pop("lora_B"),
+        kwargs.pop("scaling"),
+        **kwargs,
+    )
+
+
+BAD_INPUTS = [
+    ({"x": [[1.0]]}, TypeError, "x must be a torch.Tensor"),
+    ({"weight": None}, TypeError, "weight must be a torch.Tensor"),
+    ({"bias": 3.0}, TypeError, "bias must be a torch.Tensor or None"),
+    ({"x": torch.ones(4, 8, dtype=torch.int64)}, TypeError, "x must be a floating-point"),
+    ({"lora_A": torch.ones(2, 8, dtype=torch.int32)}, TypeError, "lora_A must be a floating-point"),
+    ({"x": torch.tensor(1.0)}, ValueError, "x must have at least one dimension"),
+    ({"x": torch.randn(4, 7)}, ValueError, "weight must have shape (out_features, in_features)"),
+    ({"weight": torch.randn(6, 8, 1)}, ValueError, "weight must have shape"),
+    ({"lora_A": torch.randn(2, 7)}, ValueError, "lora_A must have shape (r, in_features)"),
+    ({"lora_A": torch.randn(0, 8), "lora_B": torch.randn(6, 0)}, ValueError, "rank r"),
+    (
+        {"lora_B": torch.randn(6, 3)},
+        ValueError,
+        "lora_B must have shape (out_features, r) = (6, 2)",
+    ),
+    ({"lora_B": torch.randn(5, 2)}, ValueError, "lora_B must have shape"),
+    ({"bias": torch.randn(5)}, ValueError, "bias must have shape (out_features,) = (6,)"),
+    ({"weight": torch.randn(6, 8, dtype=torch.float64)}, TypeError, "weight must have x's dtype"),
+    ({"bias": torch.randn(6, dtype=torch.float16)}, TypeError, "bias must have x's dtype"),
+    ({"lora_B": torch.randn(6, 2, dtype=torch.float16)}, TypeError, "lora_B must be float32"),
+    (
+        {
+            "x": torch.randn(4, 8, dtype=torch.bfloat16),
+            "weight": torch.randn(6, 8, dtype=torch.bfloat16),
+            "bias": None,
+            "lora_A": torch.randn(2, 8, dtype=torch.float16),
+        },
+        TypeError,
+        "lora_A must be bfloat16 or float32",
+    ),
+    ({"weight": torch.randn(6, 8, device="meta")}, ValueError, "weight is on meta but x is on cpu"),
+    ({"dropout_p": 1.0}, ValueError, "dropout_p must be in [0, 1)"),
+    ({"dropout_p": -0.1}, ValueError, "dropout_p must be in [0, 1)"),
+    ({"dropout_p": "0.1"}, TypeError, "dropout_p must be a real number"),
+    ({"scaling": float("nan")}, ValueError, "scaling must be finite"),
+    ({"scaling": None}, TypeError, "scaling must be a real number"),
+    ({"backend": "cublas"}, ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), BAD_INPUTS)
+def test_lora_linear_rejects(overrides, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        _call(**overrides)
+
+
+def test_named_backend_that_cannot_run_raises():
+    unavailable = [
+        name
+        for name in ("triton", "cuda", "cpu")
+        if name not in lora_kernels.available_backends("cpu")
+    ]
+    for name in unavailable:
+        with pytest.raises(RuntimeError, match=f"backend '{name}' cannot run this input"):
+            _call(backend=name)
+    # cuda never runs on CPU tensors, whatever was built.
+    with pytest.raises(RuntimeError, match="it runs on cuda tensors"):
+        _call(backend="cuda")
+
+
+def test_backend_environment_variable(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    assert lora_kernels._ops.resolve_backend("auto", torch.randn(2, 2)).name == "torch"
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="LORA_KERNELS_BACKEND='nonsense' is not a backend"):
+        _call()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"r": 0}, "r must be an integer >= 1"),
+        ({"r": 2.5}, "r must be an integer >= 1"),
+        ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1)"),
+        (
+            {"init_lora_weights": "orthogonal"},
+            "init_lora_weights must be True, False or 'gaussian'",
+        ),
+        ({"backend": "fast"}, "backend must be one of"),
+    ],
+)
+def test_lora_linear_module_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LoRALinear(8, 6, **kwargs)
+
+
+def test_from_linear_rejects_non_linear():
+    with pytest.raises(TypeError, match=r"linear must be an nn\.Linear"):
+        LoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.skipif(not has_kernel("lora_forward", "CPU"), reason="C++ CPU kernels not built")
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda a: torch.ops.lora_kernels.lora_forward(
+                a["x"][0], a["weight"], None, a["lora_A"], a["lora_B"], 1.0, 0.0, None
+            ),
+            "x must be 2-D",
+        ),
+        (
+            lambda a: torch.ops.lora_kernels.lora_forward(
+                a["x"], a["weight"].t(), None, a["lora_A"], a["lora_B"], 1.0, 0.0, None
+            ),
+            "weight must be (N, K)",
+        ),
+        (
+            lambda a: torch.ops.lora_kernels.lora_forward(
+                a["x"], a["weight"], None, a["lora_A"], a["lora_B"], 1.0, 0.5, None
+            ),
+            "seed is required when dropout_p > 0",
+        ),
+        (
+            lambda a: torch.ops.lora_kernels.lora_forward(
+                a["x"], a["weight"], None, a["lora_A"], a["lora_B"], 1.0, 1.5, None
+            ),
+            "dropout_p must be in [0, 1)",
+        ),
+        (
+            lambda a: torch.ops.lora_kernels.lora_forward(
+                a["x"], a["weight"], None, a["lora_A"], a["lora_B"].double(), 1.0, 0.0, None
+            ),
+            "lora_B must be",
+        ),
+        (
+            lambda a: torch.ops.lora_kernels.lora_backward(
+                a["x"],
+                a["x"],
+                a["weight"],
+                a["lora_A"],
+                a["lora_B"],
+                torch.zeros(4, 2),
+                1.0,
+                0.0,
+                None,
+                [True] * 5,
+            ),
+            "grad_y must be (M, N)",
+        ),
+    ],
+    ids=["x-rank", "weight-shape", "seed-missing", "dropout-range", "adapter-dtype", "grad-shape"],
+)
+def test_cpp_entry_points_check_arguments(call, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call(_args())
