@@ -127,8 +127,8 @@ void dispatch_input_dtype(at::ScalarType dtype, const char* name, F&& f) {
     case at::kBFloat16:
       return f(at::BFloat16{}, float{});
     default:
-      TORCH_CHECK(false, "lora_kernels: ", name, " must be float32, float16, bfloat16 or float64, got ",
-                  dtype);
+      TORCH_CHECK(false, "lora_kernels: ", name,
+                  " must be float32, float16, bfloat16 or float64, got ", dtype);
   }
 }
 

@@ -40,9 +40,8 @@ void reduce_partials(const at::Tensor& partials, double scale, at::Tensor& out) 
               "lora_kernels: reduce_partials needs contiguous tensors");
   const int64_t numel = out.numel();
   if (numel == 0) return;
-  TORCH_CHECK(partials.numel() % numel == 0 && partials.numel() >= numel,
-              "lora_kernels: partials of ", partials.numel(), " elements do not split into chunks of ",
-              numel);
+  TORCH_CHECK(partials.numel() % numel == 0, "lora_kernels: partials of ", partials.numel(),
+              " elements do not split into chunks of ", numel);
   const int64_t chunks = partials.numel() / numel;
   if (partials.scalar_type() == at::kDouble) {
     TORCH_CHECK(out.scalar_type() == at::kDouble, "lora_kernels: float64 partials reduce into ",
