@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import site
 import sys
 
@@ -49,11 +50,7 @@ def _want_cuda(cuda_home: str | None) -> bool:
         if want and (torch.version.cuda is None or cuda_home is None):
             raise RuntimeError(
                 "LORA_KERNELS_BUILD_CUDA=1 but "
-                + (
-                    "torch is a CPU-only build"
-                    if torch.version.cuda is None
-                    else "nvcc was not found"
-                )
+                + ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found")
                 + "; install a CUDA build of torch and the CUDA toolkit, or unset the variable."
             )
         return want
@@ -64,6 +61,30 @@ def _want_cuda(cuda_home: str | None) -> bool:
         _log("nvcc not found (set CUDA_HOME): compiling the CPU kernels only")
         return False
     return True
+
+
+def _has_cuda_headers(root: str) -> bool:
+    return os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h"))
+
+
+def _point_cuda_home_at_toolkit() -> None:
+    """Sets CUDA_HOME when torch would guess it wrong.
+
+    torch takes CUDA_HOME from the directory above the `nvcc` on PATH; an nvcc
+    wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc) then yields
+    a directory without the CUDA headers and libraries. Must run before
+    torch.utils.cpp_extension is imported, which reads CUDA_HOME once.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None and _has_cuda_headers(os.path.dirname(os.path.dirname(nvcc))):
+        return
+    for candidate in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+        if _has_cuda_headers(candidate):
+            os.environ["CUDA_HOME"] = candidate
+            _log(f"CUDA_HOME={candidate} (the nvcc on PATH is outside the toolkit)")
+            return
 
 
 def _pip_cuda_include_dirs() -> list[str]:
@@ -83,13 +104,17 @@ def _pip_cuda_include_dirs() -> list[str]:
 
 def _extension():
     import torch  # noqa: F401  (build requirement; imported lazily so `setup.py --help` works)
+
+    _point_cuda_home_at_toolkit()
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     with_cuda = _want_cuda(CUDA_HOME)
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-DPy_LIMITED_API=0x03090000"]
+    # No -std flag: BuildExtension adds the C++ standard the installed torch's
+    # headers require (C++17 for older releases, C++20 for recent ones).
+    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
     define_macros: list[tuple[str, str | None]] = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     _log(f"MAX_JOBS={os.environ['MAX_JOBS']}")
@@ -98,11 +123,12 @@ def _extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         _log(f"building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        include_dirs += _pip_cuda_include_dirs()
+        # The toolkit's headers first; the pip wheels only add the library
+        # headers a bare toolkit may lack.
+        include_dirs += [os.path.join(CUDA_HOME, "include"), *_pip_cuda_include_dirs()]
         define_macros.append(("LORA_KERNELS_WITH_CUDA", None))
         nvcc_flags = [
             "-O3",
-            "-std=c++20",
             "--use_fast_math",
             "--expt-relaxed-constexpr",
             "-lineinfo",

@@ -1,0 +1,171 @@
+// Shared by the CUDA kernels of the `cuda` backend: thread layout, the fused
+// dropout keep-mask, tile-size and dtype dispatch, and split heuristics.
+//
+// Every kernel runs 256 threads viewed as a 16 x 16 grid of lanes:
+//   lane_x = threadIdx.x % 16   walks the rank (or column) axis of a tile,
+//   lane_y = threadIdx.x / 16   walks the row axis,
+// and each thread owns a small register micro-tile whose elements are
+// strided by 16 along both axes. Within one warp lane_y takes two values, so
+// shared-memory reads indexed by lane_y are broadcasts and reads indexed by
+// lane_x hit 16 consecutive words: no bank conflicts on the hot loops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+
+#include "philox.h"
+
+namespace lora_kernels::cuda {
+
+constexpr int kThreads = 256;
+constexpr int kLanesX = 16;
+constexpr int kLanesY = kThreads / kLanesX;
+// Largest grid y/z extent CUDA accepts.
+constexpr int64_t kMaxGridYZ = 65535;
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Blocks that keep every SM busy for about two waves; split-K/split-M
+// heuristics aim for at least this many.
+inline int64_t target_blocks() {
+  return 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+}
+
+// Chunks of `tiles` work items so that `other_blocks * chunks` reaches the
+// target block count, each chunk holding at least `min_tiles` tiles; returns
+// tiles per chunk, chosen so that no chunk is empty.
+inline int64_t tiles_per_chunk(int64_t tiles, int64_t other_blocks, int64_t min_tiles) {
+  if (tiles <= 0) return 1;
+  int64_t chunks = ceil_div(target_blocks(), std::max<int64_t>(other_blocks, 1));
+  chunks = std::min({chunks, ceil_div(tiles, min_tiles), kMaxGridYZ});
+  chunks = std::max<int64_t>(chunks, 1);
+  return ceil_div(tiles, chunks);
+}
+
+// ---------------------------------------------------------------------------
+// Dropout
+// ---------------------------------------------------------------------------
+
+// Dropout arguments as the kernels take them: the seed stays on the device
+// (read through a pointer, no host sync); `inv_keep` = 1 / (1 - p).
+struct DropoutArgs {
+  const int64_t* seed = nullptr;
+  uint32_t threshold = 0;
+  double inv_keep = 1.0;
+};
+
+inline DropoutArgs dropout_args(double dropout_p, const std::optional<at::Tensor>& seed) {
+  DropoutArgs args;
+  if (dropout_p > 0.0) {
+    args.seed = seed->data_ptr<int64_t>();
+    args.threshold = dropout_threshold(dropout_p);
+    args.inv_keep = 1.0 / (1.0 - dropout_p);
+  }
+  return args;
+}
+
+__device__ __forceinline__ uint32_t philox_word(const PhiloxOutput& out, int i) {
+  // Selects instead of out.c[i], which would spill the array to local memory.
+  return i == 0 ? out.c[0] : i == 1 ? out.c[1] : i == 2 ? out.c[2] : out.c[3];
+}
+
+// Keep bits of the four consecutive flattened elements base .. base+3 (bit c
+// set iff element base+c is kept), per the mask definition in philox.h. The
+// four share one Philox call when base is a multiple of 4 (any row when K % 4
+// == 0) and need two otherwise. Elements past the end of a row belong to the
+// next row; callers ignore their bits.
+__device__ __forceinline__ uint32_t keep_bits4(uint64_t seed, int64_t base, uint32_t threshold) {
+  const uint64_t quad = static_cast<uint64_t>(base) >> 2;
+  const int offset = static_cast<int>(base & 3);
+  const PhiloxOutput first =
+      philox4x32(seed, static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32));
+  uint32_t bits = 0;
+  if (offset == 0) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) bits |= static_cast<uint32_t>(first.c[c] >= threshold) << c;
+    return bits;
+  }
+  const uint64_t next_quad = quad + 1;
+  const PhiloxOutput second = philox4x32(seed, static_cast<uint32_t>(next_quad),
+                                         static_cast<uint32_t>(next_quad >> 32));
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int word = offset + c;
+    const uint32_t u = word < 4 ? philox_word(first, word) : philox_word(second, word - 4);
+    bits |= static_cast<uint32_t>(u >= threshold) << c;
+  }
+  return bits;
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch
+// ---------------------------------------------------------------------------
+
+// Calls f(scalar_t{}, acc_t{}) for x's dtype; acc_t is float for
+// fp32/fp16/bf16 and double for fp64 (the dtype of S).
+template <typename F>
+void dispatch_input_dtype(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{}, float{});
+    case at::kDouble:
+      return f(double{}, double{});
+    case at::kHalf:
+      return f(at::Half{}, float{});
+    case at::kBFloat16:
+      return f(at::BFloat16{}, float{});
+    default:
+      TORCH_CHECK(false, "lora_kernels: ", name,
+                  " must be float32, float16, bfloat16 or float64, got ", dtype);
+  }
+}
+
+// Adapter weights come in x's dtype or in the accumulate dtype: calls
+// f(scalar_t{}) or f(acc_t{}) accordingly, so kernels are instantiated for
+// exactly those two.
+template <typename scalar_t, typename acc_t, typename F>
+void dispatch_adapter_dtype(const at::Tensor& adapter, F&& f) {
+  if (adapter.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) return f(scalar_t{});
+  return f(acc_t{});
+}
+
+// Rank tile of a kernel: the smallest of 16, 32, 64 holding r (64 beyond,
+// with r split over several tiles).
+inline int rank_tile(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : 64; }
+
+template <typename F>
+void dispatch_rank_tile(int64_t r, F&& f) {
+  switch (rank_tile(r)) {
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    default:
+      return f(std::integral_constant<int, 64>{});
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+inline void check_grid_yz(int64_t extent, const char* what) {
+  TORCH_CHECK(extent <= kMaxGridYZ, "lora_kernels: ", what, " needs ", extent,
+              " blocks along a grid axis limited to ", kMaxGridYZ);
+}
+
+}  // namespace lora_kernels::cuda

@@ -1,0 +1,42 @@
+// Host entry points of the CUDA kernel families (one .cu file each), called
+// by the operator implementations in lora_cuda_ops.cpp. All of them launch on
+// the current stream of the current device (the callers hold a CUDAGuard),
+// take tensors already validated by lora_checks.h, assume M, K, N >= 1 unless
+// stated, and never synchronise with the host.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace lora_kernels::cuda {
+
+// S = x̃·Aᵀ with x̃ = D ⊙ x / (1 − p), the mask regenerated from `seed` while
+// x is loaded. x: (M, K), any strides; lora_A: (r, K); S: (M, r), contiguous,
+// accumulate dtype, overwritten. K may be 0 (S = 0).
+void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
+            const std::optional<at::Tensor>& seed, at::Tensor& S);
+
+// One pass over grad_y: dS = s·dy·B (accumulate dtype) and dB = s·dyᵀ·S
+// (lora_B's dtype). Either output may be null and is then not computed.
+// grad_y: (M, N), any strides; lora_B: (N, r); S: (M, r) contiguous. N may be 0.
+void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& S,
+             double scaling, at::Tensor* dS, at::Tensor* grad_B);
+
+// grad_x += D ⊙ (dS·A) / (1 − p) in place, the mask regenerated from `seed`.
+// grad_x: (M, K) contiguous in x's dtype, already holding dy·W0; dS: (M, r)
+// contiguous; lora_A: (r, K). K may be 0.
+void add_lora_grad_x(const at::Tensor& dS, const at::Tensor& lora_A, double dropout_p,
+                     const std::optional<at::Tensor>& seed, at::Tensor& grad_x);
+
+// grad_A = dSᵀ·x̃, the mask regenerated from `seed`. dS: (M, r) contiguous;
+// x: (M, K), any strides; grad_A: (r, K) contiguous in lora_A's dtype. K may be 0.
+void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
+                 const std::optional<at::Tensor>& seed, at::Tensor& grad_A);
+
+// out = scale · Σ_c partials[c] over the leading axis, in a fixed order (so
+// the result is deterministic), cast to out's dtype. partials: (C, *out.shape)
+// contiguous in the accumulate dtype of out; out contiguous.
+void reduce_partials(const at::Tensor& partials, double scale, at::Tensor& out);
+
+}  // namespace lora_kernels::cuda

@@ -1,0 +1,108 @@
+// CUDA implementations of lora_kernels::lora_forward / lora_backward.
+//
+// Plan (DESIGN.md): cuBLAS through ATen for the large GEMMs, on the current
+// stream and accumulating in place; the custom kernels of this folder for the
+// skinny rank-r work with the fused dropout mask.
+//
+// forward:  y = x·W0ᵀ + b            cuBLAS (addmm, bias in the epilogue)
+//           S = x̃·Aᵀ                 shrink kernel, mask fused into the x loads
+//           y += s·S·Bᵀ              cuBLAS addmm_ with beta = 1: no M×N temporary.
+//                                    A custom expand kernel would read and write
+//                                    y exactly as addmm_ does; which is faster
+//                                    is for the benchmark to settle.
+// backward: dS, dB                   one kernel reading dy once
+//           grad_x = dy·W0           cuBLAS, then += D⊙(dS·A)/(1−p) in place
+//           grad_A = dSᵀ·x̃           split-M kernel, mask regenerated
+//           grad_W0 = dyᵀ·x, grad_b  ATen, only when asked
+// Nothing synchronises with the host: the seed is read by the kernels.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "lora_checks.h"
+#include "lora_cuda_kernels.h"
+
+namespace lora_kernels::cuda {
+namespace {
+
+void check_on_cuda(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "lora_kernels: the CUDA kernels need x on a CUDA device, got ",
+              x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  // The dtypes were settled by the caller; internal ATen calls must not be
+  // re-cast by an enclosing autocast region.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  const int64_t M = x.size(0), N = weight.size(0), r = lora_A.size(0);
+  at::Tensor S = at::empty({M, r}, x.options().dtype(accumulate_dtype(x.scalar_type())));
+  if (M == 0) return {at::empty({0, N}, x.options()), S};
+
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  shrink(x, lora_A, dropout_p, seed, S);
+  // The expand runs in x's dtype like the reference (S rounded to it first).
+  y.addmm_(S.to(x.scalar_type()), lora_B.to(x.scalar_type()).t(), /*beta=*/1,
+           /*alpha=*/scaling);
+  return {y, S};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& S, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 5> output_mask) {
+  check_backward_args(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed);
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  const GradMask need(output_mask);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  // Unrequested gradients: a fresh empty tensor each, so outputs never alias.
+  auto not_computed = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_x = not_computed(), grad_W = not_computed(), grad_b = not_computed(),
+             grad_A = not_computed(), grad_B = not_computed();
+
+  if (need.weight) grad_W = at::mm(grad_y.t(), x);  // zeros when M == 0
+  if (need.bias) grad_b = grad_y.sum(0);
+  if (need.lora_B) grad_B = at::empty({N, r}, lora_B.options());
+  if (need.lora_A) grad_A = at::empty({r, K}, lora_A.options());
+  if (M == 0) {
+    if (need.x) grad_x = at::empty({0, K}, x.options());
+    if (need.lora_A) grad_A.zero_();
+    if (need.lora_B) grad_B.zero_();
+    return {grad_x, grad_W, grad_b, grad_A, grad_B};
+  }
+
+  const bool need_dS = need.x || need.lora_A;
+  at::Tensor dS;
+  if (need_dS) dS = at::empty({M, r}, S.options());
+  dy_pass(grad_y, lora_B, S, scaling, need_dS ? &dS : nullptr, need.lora_B ? &grad_B : nullptr);
+  if (need.x) {
+    grad_x = at::mm(grad_y, weight);
+    add_lora_grad_x(dS, lora_A, dropout_p, seed, grad_x);
+  }
+  if (need.lora_A) grad_lora_A(dS, x, dropout_p, seed, grad_A);
+  return {grad_x, grad_W, grad_b, grad_A, grad_B};
+}
+
+}  // namespace
+}  // namespace lora_kernels::cuda
+
+TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
+  m.impl("lora_forward", &lora_kernels::cuda::lora_forward_cuda);
+  m.impl("lora_backward", &lora_kernels::cuda::lora_backward_cuda);
+}

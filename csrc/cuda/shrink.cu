@@ -1,0 +1,168 @@
+// Shrink: S = x̃·Aᵀ (M×r) with the dropout mask fused into the loads of x.
+//
+// A block computes a BM x BR tile of S over a range of K (split-K when the
+// M x r tile grid alone would leave SMs idle, e.g. small M). Per BK step it
+// stages the masked x tile and the A tile in shared memory, transposed to
+// k-major so that the inner product reads one broadcast word per row and 16
+// consecutive words per rank. Dropped elements are stored as 0 and the
+// 1/(1-p) factor is applied once to the finished sums. Partial sums of a
+// split go to a workspace reduced in a fixed order (reduce_partials.cu).
+#include "lora_cuda_common.cuh"
+#include "lora_cuda_kernels.h"
+
+namespace lora_kernels::cuda {
+namespace {
+
+constexpr int kBM = 64;  // rows of S per block
+constexpr int kBK = 32;  // K step staged in shared memory
+// Each split covers at least this many BK steps, so splitting never turns the
+// kernel into mostly prologue/epilogue.
+constexpr int64_t kMinKTilesPerSplit = 4;
+
+template <typename scalar_t, typename a_t, typename acc_t, int BR, bool kDropout>
+__global__ void __launch_bounds__(kThreads)
+    shrink_kernel(const scalar_t* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k,
+                  const a_t* __restrict__ lora_A,  // (r, K) contiguous
+                  acc_t* __restrict__ out,         // (splits, M, r) partials, or S when 1 split
+                  int64_t M, int64_t K, int64_t r, int64_t k_tiles_per_split, acc_t scale,
+                  const int64_t* __restrict__ seed_ptr, uint32_t threshold) {
+  constexpr int kRowsPerThread = kBM / kLanesY;  // 4
+  constexpr int kRanksPerThread = BR / kLanesX;  // 1, 2 or 4
+  constexpr int kQuadsPerRow = kBK / 4;
+  // +1 padding: the transposed stores of 4-column groups then spread over
+  // all banks.
+  __shared__ acc_t x_tile[kBK][kBM + 1];
+  __shared__ acc_t a_tile[kBK][BR + 1];
+
+  const int tid = threadIdx.x;
+  const int lane_x = tid % kLanesX;
+  const int lane_y = tid / kLanesX;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * BR;
+  const int64_t k_tiles = ceil_div(K, kBK);
+  const int64_t kt_begin = static_cast<int64_t>(blockIdx.z) * k_tiles_per_split;
+  const int64_t kt_end = min64(kt_begin + k_tiles_per_split, k_tiles);
+  uint64_t seed = 0;
+  if constexpr (kDropout) seed = static_cast<uint64_t>(*seed_ptr);
+
+  acc_t acc[kRowsPerThread][kRanksPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+    for (int j = 0; j < kRanksPerThread; ++j) acc[i][j] = acc_t(0);
+
+  for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
+    const int64_t k0 = kt * kBK;
+    // x tile, four consecutive columns of one row per item: they share the
+    // Philox call(s) of the mask.
+    for (int item = tid; item < kBM * kQuadsPerRow; item += kThreads) {
+      const int row = item / kQuadsPerRow;
+      const int col = (item % kQuadsPerRow) * 4;
+      const int64_t m = m0 + row;
+      const int64_t k = k0 + col;
+      acc_t v[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+      if (m < M) {
+        const scalar_t* x_row = x + m * x_stride_m;
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (k + c < K) v[c] = static_cast<acc_t>(x_row[(k + c) * x_stride_k]);
+        if constexpr (kDropout) {
+          const uint32_t keep = keep_bits4(seed, m * K + k, threshold);
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (!((keep >> c) & 1u)) v[c] = acc_t(0);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) x_tile[col + c][row] = v[c];
+    }
+    for (int item = tid; item < BR * kQuadsPerRow; item += kThreads) {
+      const int rank = item / kQuadsPerRow;
+      const int col = (item % kQuadsPerRow) * 4;
+      const int64_t j = j0 + rank;
+      const int64_t k = k0 + col;
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        a_tile[col + c][rank] =
+            (j < r && k + c < K) ? static_cast<acc_t>(lora_A[j * K + k + c]) : acc_t(0);
+    }
+    __syncthreads();  // tiles written before any thread reads them
+
+#pragma unroll 8
+    for (int kk = 0; kk < kBK; ++kk) {
+      acc_t xv[kRowsPerThread], av[kRanksPerThread];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) xv[i] = x_tile[kk][lane_y + kLanesY * i];
+#pragma unroll
+      for (int j = 0; j < kRanksPerThread; ++j) av[j] = a_tile[kk][lane_x + kLanesX * j];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < kRanksPerThread; ++j) acc[i][j] += xv[i] * av[j];
+    }
+    __syncthreads();  // all reads done before the next step overwrites the tiles
+  }
+
+  acc_t* out_split = out + static_cast<int64_t>(blockIdx.z) * M * r;
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int64_t m = m0 + lane_y + kLanesY * i;
+    if (m >= M) continue;
+#pragma unroll
+    for (int j = 0; j < kRanksPerThread; ++j) {
+      const int64_t rank = j0 + lane_x + kLanesX * j;
+      if (rank < r) out_split[m * r + rank] = acc[i][j] * scale;
+    }
+  }
+}
+
+}  // namespace
+
+void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
+            const std::optional<at::Tensor>& seed, at::Tensor& S) {
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
+  if (M == 0) return;
+  if (K == 0) {
+    S.zero_();
+    return;
+  }
+  const at::Tensor A = lora_A.contiguous();
+  const DropoutArgs dropout = dropout_args(dropout_p, seed);
+  const int BR = rank_tile(r);
+  const int64_t m_tiles = ceil_div(M, kBM);
+  const int64_t r_tiles = ceil_div(r, BR);
+  const int64_t k_tiles = ceil_div(K, kBK);
+  const int64_t k_per_split = tiles_per_chunk(k_tiles, m_tiles * r_tiles, kMinKTilesPerSplit);
+  const int64_t splits = ceil_div(k_tiles, k_per_split);
+  check_grid_yz(r_tiles, "the rank tiles of the shrink");
+  check_grid_yz(splits, "the K splits of the shrink");
+
+  // One split writes S directly with the 1/(1-p) factor; several write
+  // partials that the reduction scales.
+  at::Tensor partials = splits == 1 ? S : at::empty({splits, M, r}, S.options());
+  const double epilogue_scale = splits == 1 ? dropout.inv_keep : 1.0;
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(r_tiles),
+                  static_cast<unsigned>(splits));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  dispatch_input_dtype(x.scalar_type(), "x", [&](auto x_tag, auto acc_tag) {
+    using scalar_t = decltype(x_tag);
+    using acc_t = decltype(acc_tag);
+    dispatch_adapter_dtype<scalar_t, acc_t>(A, [&](auto a_tag) {
+      using a_t = decltype(a_tag);
+      dispatch_rank_tile(r, [&](auto br) {
+        dispatch_bool(dropout_p > 0.0, [&](auto with_dropout) {
+          shrink_kernel<scalar_t, a_t, acc_t, decltype(br)::value, decltype(with_dropout)::value>
+              <<<grid, kThreads, 0, stream>>>(
+                  x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), A.const_data_ptr<a_t>(),
+                  partials.mutable_data_ptr<acc_t>(), M, K, r, k_per_split,
+                  static_cast<acc_t>(epilogue_scale), dropout.seed, dropout.threshold);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+  });
+  if (splits > 1) reduce_partials(partials, dropout.inv_keep, S);
+}
+
+}  // namespace lora_kernels::cuda
