@@ -50,7 +50,11 @@ def _want_cuda(cuda_home: str | None) -> bool:
         if want and (torch.version.cuda is None or cuda_home is None):
             raise RuntimeError(
                 "LORA_KERNELS_BUILD_CUDA=1 but "
-                + ("torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found")
+                + (
+                    "torch is a CPU-only build"
+                    if torch.version.cuda is None
+                    else "nvcc was not found"
+                )
                 + "; install a CUDA build of torch and the CUDA toolkit, or unset the variable."
             )
         return want

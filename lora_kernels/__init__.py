@@ -10,10 +10,24 @@ from __future__ import annotations
 
 from . import _extension
 from ._ops import available_backends
+from .adapter_io import load_adapter, save_adapter
 from .functional import lora_linear
+from .injection import inject_lora, trainable_parameters
 from .layers import LoRALinear
+from .peft_patch import patch_peft, unpatch_peft
 
 __version__ = "0.1.0"
-__all__ = ["LoRALinear", "__version__", "available_backends", "lora_linear"]
+__all__ = [
+    "LoRALinear",
+    "__version__",
+    "available_backends",
+    "inject_lora",
+    "load_adapter",
+    "lora_linear",
+    "patch_peft",
+    "save_adapter",
+    "trainable_parameters",
+    "unpatch_peft",
+]
 
 _extension.warn_if_unavailable()

@@ -31,9 +31,23 @@ def error() -> str | None:
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``lora_kernels::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
-    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"lora_kernels::{op}", dispatch_key
+    return (op, dispatch_key) in _REGISTERED_KERNELS
+
+
+def _registered_kernels() -> frozenset[tuple[str, str]]:
+    # Read once at import: registrations are fixed once _C is loaded, and a
+    # plain set lookup keeps backend resolution traceable by torch.compile.
+    if _ERROR is not None:
+        return frozenset()
+    return frozenset(
+        (op, key)
+        for op in ("lora_forward", "lora_backward")
+        for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels::{op}", key)
     )
+
+
+_REGISTERED_KERNELS = _registered_kernels()
 
 
 def warn_if_unavailable() -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lora_kernels import LoRALinear
+from lora_kernels._ops import get_backend
 
 from lora_testing import backend_params
 
@@ -80,23 +81,23 @@ def test_from_linear_shares_the_base_layer():
 
 @pytest.mark.parametrize(("device", "backend"), backend_params())
 def test_merge_unmerge_roundtrip(device, backend):
-    layer = LoRALinear(
-        24, 16, r=4, lora_alpha=8, backend=backend, device=device, dtype=torch.float64
-    )
+    dtype = torch.float64 if torch.float64 in get_backend(backend).dtypes else torch.float32
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    layer = LoRALinear(24, 16, r=4, lora_alpha=8, backend=backend, device=device, dtype=dtype)
     _randomise_adapter(layer)
     layer.eval()
-    x = torch.randn(2, 5, 24, device=device, dtype=torch.float64)
+    x = torch.randn(2, 5, 24, device=device, dtype=dtype)
     before = layer(x)
     w0 = layer.weight.clone()
     layer.merge(safe_merge=True)
     assert layer.merged
-    torch.testing.assert_close(layer(x), before)
-    torch.testing.assert_close(layer.weight - w0, layer.get_delta_weight())
+    torch.testing.assert_close(layer(x), before, **tol)
+    torch.testing.assert_close(layer.weight - w0, layer.get_delta_weight(), **tol)
     layer.merge()  # merging twice is a no-op
     layer.unmerge()
     assert not layer.merged
-    torch.testing.assert_close(layer.weight, w0)
-    torch.testing.assert_close(layer(x), before)
+    torch.testing.assert_close(layer.weight, w0, **tol)
+    torch.testing.assert_close(layer(x), before, **tol)
 
 
 def test_safe_merge_refuses_non_finite():

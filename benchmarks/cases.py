@@ -1,0 +1,199 @@
+"""What gets measured: LoRA problems (shape, tokens, rank, dtype), settings
+(training with a dropout probability, or inference), modes, and the presets.
+
+A *problem* fixes the tensors; a *setting* fixes how the layer runs
+(train/eval, dropout); a *mode* fixes what is timed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+# scaling = LORA_ALPHA / r, as peft computes it. Its value does not change the cost.
+LORA_ALPHA = 16.0
+
+# Llama-3-8B projections (in_features, out_features).
+LLAMA3_8B_SHAPES: tuple[tuple[int, int], ...] = (
+    (4096, 4096),  # q_proj, o_proj
+    (4096, 1024),  # k_proj, v_proj
+    (4096, 14336),  # gate_proj, up_proj
+    (14336, 4096),  # down_proj
+)
+
+FORWARD = "forward"
+BACKWARD = "backward"
+FORWARD_BACKWARD = "forward+backward"
+INFERENCE = "inference"
+MODES = (FORWARD, BACKWARD, FORWARD_BACKWARD, INFERENCE)
+TRAINING_MODES = (FORWARD, BACKWARD, FORWARD_BACKWARD)
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One LoRA linear layer and one batch: x is (tokens, in_features)."""
+
+    in_features: int
+    out_features: int
+    tokens: int
+    rank: int
+    dtype: torch.dtype
+    bias: bool
+    device: str
+
+    @property
+    def scaling(self) -> float:
+        return LORA_ALPHA / self.rank
+
+    @property
+    def shape_label(self) -> str:
+        return f"{self.in_features}→{self.out_features}"
+
+    @property
+    def label(self) -> str:
+        bias = " +bias" if self.bias else ""
+        return f"{self.shape_label} M={self.tokens} r={self.rank} {dtype_name(self.dtype)}{bias}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How the layer runs: training (autograd, dropout p) or inference (eval, no grad)."""
+
+    training: bool
+    dropout_p: float
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return TRAINING_MODES if self.training else (INFERENCE,)
+
+    @property
+    def label(self) -> str:
+        return f"train p={self.dropout_p:g}" if self.training else "eval"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A benchmark grid; ``providers`` None means every provider."""
+
+    shapes: tuple[tuple[int, int], ...]
+    tokens: tuple[int, ...]
+    ranks: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    dropouts: tuple[float, ...]
+    modes: tuple[str, ...]
+    providers: tuple[str, ...] | None = None
+    bias: bool = False
+
+    def problems(self, device: str) -> list[Problem]:
+        return [
+            Problem(k, n, m, r, dtype, self.bias, device)
+            for (k, n), m, r, dtype in itertools.product(
+                self.shapes, self.tokens, self.ranks, self.dtypes
+            )
+        ]
+
+    def settings(self) -> list[Setting]:
+        """Training settings in increasing dropout (so p = 0 is checked first), then inference."""
+        settings = []
+        if any(mode in TRAINING_MODES for mode in self.modes):
+            settings += [Setting(True, p) for p in sorted(set(self.dropouts))]
+        if INFERENCE in self.modes:
+            settings.append(Setting(False, 0.0))
+        return settings
+
+    def modes_of(self, setting: Setting) -> tuple[str, ...]:
+        return tuple(mode for mode in setting.modes if mode in self.modes)
+
+
+PRESETS: dict[str, Grid] = {
+    # Sized for a few minutes on a 2-core CPU: one Llama-3-8B projection.
+    "quick": Grid(
+        shapes=((4096, 4096),),
+        tokens=(512,),
+        ranks=(16,),
+        dtypes=(torch.float32,),
+        dropouts=(0.0, 0.1),
+        modes=(FORWARD, FORWARD_BACKWARD),
+        providers=("base", "torch-naive", "peft", "addmm", "torch-compile", "lora_kernels"),
+    ),
+    # The DESIGN targets, for a GPU: every Llama-3-8B projection, tokens, rank and mode.
+    "full": Grid(
+        shapes=LLAMA3_8B_SHAPES,
+        tokens=(512, 2048, 8192),
+        ranks=(8, 16, 64),
+        dtypes=(torch.bfloat16,),
+        dropouts=(0.0, 0.1),
+        modes=MODES,
+        providers=(
+            "base",
+            "torch-naive",
+            "peft",
+            "addmm",
+            "torch-compile",
+            "merged",
+            "lora_kernels",
+        ),
+    ),
+}
+
+
+@dataclass
+class LoRATensors:
+    """The shared inputs of every provider for one problem (none requires grad)."""
+
+    x: torch.Tensor
+    grad_y: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for t in (self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
+
+
+def make_tensors(problem: Problem, seed: int = 0) -> LoRATensors:
+    """Random inputs for ``problem``, reproducible from ``seed``.
+
+    nn.Linear-style uniform weights; B is random (not peft's zero init) so the
+    LoRA branch contributes to y and a wrong LoRA term cannot pass validation.
+    """
+    key = f"{seed}:{problem.in_features}:{problem.out_features}:{problem.tokens}:{problem.rank}"
+    gen = torch.Generator(device=problem.device).manual_seed(zlib.crc32(key.encode()))
+    K, N, M, r = problem.in_features, problem.out_features, problem.tokens, problem.rank
+
+    def uniform(*shape: int, bound: float) -> torch.Tensor:
+        t = torch.empty(shape, device=problem.device).uniform_(-bound, bound, generator=gen)
+        return t.to(problem.dtype)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, device=problem.device, generator=gen).to(problem.dtype)
+
+    return LoRATensors(
+        x=normal(M, K),
+        grad_y=normal(M, N),
+        weight=uniform(N, K, bound=K**-0.5),
+        bias=uniform(N, bound=K**-0.5) if problem.bias else None,
+        lora_A=uniform(r, K, bound=K**-0.5),
+        lora_B=uniform(N, r, bound=r**-0.5),
+        scaling=problem.scaling,
+    )

@@ -1,0 +1,359 @@
+"""The providers: every way of computing a LoRA linear layer that the suite
+compares, each built on the same tensors so outputs are comparable.
+
+=================== ==========================================================
+``base``            the frozen ``nn.Linear`` alone: the floor
+``torch-naive``     LoRA as peft computes it, in plain PyTorch modules
+``peft``            peft's ``lora.Linear`` wrapping the same ``nn.Linear``
+``addmm``           y = x·W0ᵀ + b, then ``addmm_`` of the LoRA term (dropout 0 only)
+``torch-compile``   ``torch.compile`` of ``torch-naive``
+``merged``          one ``nn.Linear`` with W0 + s·B·A folded in (inference only)
+``lora_kernels:X``  ``LoRALinear`` on backend X, for each backend this device has
+=================== ==========================================================
+
+Providers share the tensors' storage (nothing is copied but the merged
+weight); each gets its own ``nn.Parameter`` objects so gradients stay apart.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lora_kernels
+
+from .cases import LoRATensors, Setting
+
+LORA_KERNELS_PREFIX = "lora_kernels:"
+REFERENCE_BACKEND = "torch"
+
+
+@dataclass
+class Built:
+    """A provider instantiated for one problem and setting.
+
+    ``module`` maps x (M, K) to y (M, N); ``lora_A``/``lora_B`` are the
+    parameters whose gradients training computes (None for providers without
+    an adapter).
+    """
+
+    module: nn.Module
+    lora_A: nn.Parameter | None = None
+    lora_B: nn.Parameter | None = None
+
+    def trainable(self) -> list[torch.Tensor]:
+        return [p for p in (self.lora_A, self.lora_B) if p is not None]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A named way to compute the layer.
+
+    ``adds_lora``: its output includes the LoRA term (validated against the
+    LoRA reference, else against the base linear). ``lora_flops``: its work
+    includes the rank-r matmuls (used by the flop count). ``lora_kernels_backend``:
+    the backend name for ``lora_kernels:*`` providers, whose dropout mask is
+    reproducible from torch's seed and so can be checked exactly.
+    """
+
+    name: str
+    summary: str
+    build: Callable[[LoRATensors, Setting], Built]
+    unsupported: Callable[[Setting], str | None]
+    adds_lora: bool = True
+    lora_flops: bool = True
+    lora_kernels_backend: str | None = None
+
+
+def _frozen_base(t: LoRATensors, weight: torch.Tensor | None = None) -> nn.Linear:
+    """An nn.Linear on W0 (or ``weight``) and b, built on the meta device so no weight is allocated."""
+    weight = t.weight if weight is None else weight
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=t.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if t.bias is not None:
+        linear.bias = nn.Parameter(t.bias, requires_grad=False)
+    return linear.to(weight.device)
+
+
+def _adapter_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight)
+    return linear
+
+
+def naive_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+) -> torch.Tensor:
+    """NaiveLoRALinear's computation as a function of its tensors."""
+    lora = F.linear(F.linear(F.dropout(x, dropout_p, training), lora_A), lora_B)
+    return F.linear(x, weight, bias) + lora * scaling
+
+
+class NaiveLoRALinear(nn.Module):
+    """``base(x) + lora_B(lora_A(dropout(x))) * scaling``: peft's computation, module for module."""
+
+    def __init__(self, t: LoRATensors, dropout_p: float) -> None:
+        super().__init__()
+        self.base_layer = _frozen_base(t)
+        self.lora_dropout = nn.Dropout(dropout_p)
+        self.lora_A = _adapter_linear(t.lora_A)
+        self.lora_B = _adapter_linear(t.lora_B)
+        self.scaling = t.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+class AddmmLoRALinear(nn.Module):
+    """y = x·W0ᵀ + b, then y += s·(x·Aᵀ)·Bᵀ in place with one BLAS addmm (no dropout)."""
+
+    def __init__(self, t: LoRATensors) -> None:
+        super().__init__()
+        self.base_layer = _frozen_base(t)
+        self.lora_A = nn.Parameter(t.lora_A)
+        self.lora_B = nn.Parameter(t.lora_B)
+        self.scaling = t.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y.addmm_(x @ self.lora_A.t(), self.lora_B.t(), alpha=self.scaling)
+
+
+def _build_base(t: LoRATensors, setting: Setting) -> Built:
+    return Built(_frozen_base(t))
+
+
+def _build_naive(t: LoRATensors, setting: Setting) -> Built:
+    module = NaiveLoRALinear(t, setting.dropout_p)
+    return Built(module, module.lora_A.weight, module.lora_B.weight)
+
+
+def _build_peft(t: LoRATensors, setting: Setting) -> Built:
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    r = t.lora_A.shape[0]
+    alpha = t.scaling * r
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=setting.dropout_p)
+    module = PeftLoraLinear(
+        _frozen_base(t),
+        "default",
+        config=config,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=setting.dropout_p,
+    )
+    module.lora_A["default"].weight = nn.Parameter(t.lora_A)
+    module.lora_B["default"].weight = nn.Parameter(t.lora_B)
+    return Built(module, module.lora_A["default"].weight, module.lora_B["default"].weight)
+
+
+def _build_addmm(t: LoRATensors, setting: Setting) -> Built:
+    module = AddmmLoRALinear(t)
+    return Built(module, module.lora_A, module.lora_B)
+
+
+@functools.cache
+def _configure_compiler() -> None:
+    # One compilation per setting serves the whole grid: dynamic shapes for x
+    # *and* the parameters, without duck-shaping (equal sizes such as K = N
+    # would otherwise be specialised and recompiled). The GEMMs are extern
+    # BLAS calls either way; only the fused elementwise kernels become
+    # shape-generic. Hitting the recompile limit must fail loudly instead of
+    # silently running eager.
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as shape_config
+
+    settings = (
+        (dynamo_config, "force_parameter_static_shapes", False),
+        (dynamo_config, "recompile_limit", 256),
+        (dynamo_config, "fail_on_recompile_limit_hit", True),
+        (shape_config, "use_duck_shape", False),
+    )
+    for config, name, value in settings:
+        if hasattr(config, name):  # names differ across torch versions
+            setattr(config, name, value)
+
+
+@functools.cache
+def _compiled_naive_lora_linear() -> Callable[..., torch.Tensor]:
+    _configure_compiler()
+    return torch.compile(naive_lora_linear, dynamic=True)
+
+
+class CompiledNaiveLoRALinear(NaiveLoRALinear):
+    """torch-naive through ``torch.compile``, compiled as a function of its tensors
+    (the same graph as compiling the module) so that one compilation per
+    setting serves every shape and module instance of the grid."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _compiled_naive_lora_linear()(
+            x,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            self.lora_dropout.p,
+            self.training,
+        )
+
+
+def _build_compiled_naive(t: LoRATensors, setting: Setting) -> Built:
+    module = CompiledNaiveLoRALinear(t, setting.dropout_p)
+    return Built(module, module.lora_A.weight, module.lora_B.weight)
+
+
+def _build_merged(t: LoRATensors, setting: Setting) -> Built:
+    compute = torch.float64 if t.weight.dtype == torch.float64 else torch.float32
+    delta = (t.lora_B.to(compute) @ t.lora_A.to(compute)) * t.scaling
+    merged = (t.weight.to(compute) + delta).to(t.weight.dtype)
+    return Built(_frozen_base(t, merged))
+
+
+def _build_lora_kernels(backend: str) -> Callable[[LoRATensors, Setting], Built]:
+    def build(t: LoRATensors, setting: Setting) -> Built:
+        r = t.lora_A.shape[0]
+        module = lora_kernels.LoRALinear.from_linear(
+            _frozen_base(t),
+            r=r,
+            lora_alpha=t.scaling * r,
+            lora_dropout=setting.dropout_p,
+            init_lora_weights=False,
+            backend=backend,
+        )
+        module.lora_A.weight = nn.Parameter(t.lora_A)
+        module.lora_B.weight = nn.Parameter(t.lora_B)
+        return Built(module, module.lora_A.weight, module.lora_B.weight)
+
+    return build
+
+
+def _always(setting: Setting) -> str | None:
+    return None
+
+
+def _peft_missing(setting: Setting) -> str | None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return "peft is not installed (pip install peft)"
+    return None
+
+
+def _dropout_free_only(setting: Setting) -> str | None:
+    if setting.training and setting.dropout_p > 0:
+        return "the addmm composition has no dropout: valid at dropout 0 only"
+    return None
+
+
+def _inference_only(setting: Setting) -> str | None:
+    if setting.training:
+        return "merged weights are an inference-only variant"
+    return None
+
+
+def _lora_kernels_provider(backend: str, device: torch.device) -> Provider:
+    def unsupported(setting: Setting) -> str | None:
+        if backend == "triton" and device.type == "cpu":
+            return "Triton on the CPU runs in the interpreter: correct, but not a speed"
+        return None
+
+    return Provider(
+        name=f"{LORA_KERNELS_PREFIX}{backend}",
+        summary=f"lora_kernels.LoRALinear, backend={backend!r}",
+        build=_build_lora_kernels(backend),
+        unsupported=unsupported,
+        lora_kernels_backend=backend,
+    )
+
+
+def all_providers(device: torch.device | str) -> list[Provider]:
+    """Every provider for ``device``, lora_kernels backends as reported at run time."""
+    device = torch.device(device)
+    providers = [
+        Provider(
+            "base",
+            "frozen nn.Linear alone (the floor)",
+            _build_base,
+            _always,
+            adds_lora=False,
+            lora_flops=False,
+        ),
+        Provider("torch-naive", "base + lora_B(lora_A(dropout(x))) * s", _build_naive, _always),
+        Provider("peft", "peft.tuners.lora.Linear", _build_peft, _peft_missing),
+        Provider(
+            "addmm", "x·W0ᵀ + b, then addmm_(x·Aᵀ, Bᵀ, alpha=s)", _build_addmm, _dropout_free_only
+        ),
+        Provider(
+            "torch-compile",
+            "torch.compile of torch-naive (dynamic shapes)",
+            _build_compiled_naive,
+            _always,
+        ),
+        Provider(
+            "merged", "nn.Linear with W0 + s·B·A", _build_merged, _inference_only, lora_flops=False
+        ),
+    ]
+    providers += [
+        _lora_kernels_provider(name, device) for name in lora_kernels.available_backends(device)
+    ]
+    return providers
+
+
+def select_providers(names: tuple[str, ...] | None, device: torch.device | str) -> list[Provider]:
+    """The providers named in ``names`` (all when None), in the canonical order.
+
+    ``lora_kernels`` stands for the fused lora_kernels backends on the device
+    (``triton``, ``cuda``, ``cpu``): the ``torch`` backend is the reference
+    and fallback, slow with dropout (it emulates Philox in tensor ops), so it
+    joins only when named (``lora_kernels:torch``) or when no fused backend is
+    available -- then it is what ``backend="auto"`` runs.
+    """
+    providers = all_providers(device)
+    if names is None:
+        return providers
+    known = {p.name for p in providers}
+    backends = [p for p in providers if p.lora_kernels_backend is not None]
+    fused = [p for p in backends if p.lora_kernels_backend != REFERENCE_BACKEND]
+    wanted = set()
+    for name in names:
+        if name == "lora_kernels":
+            wanted |= {p.name for p in (fused or backends)}
+        elif name in known:
+            wanted.add(name)
+        elif name.startswith(LORA_KERNELS_PREFIX):
+            # A backend this device lacks: not an error, the run says so.
+            backend = name.removeprefix(LORA_KERNELS_PREFIX)
+            reason = _backend_unavailable_reason(backend, torch.device(device))
+            providers.append(_unavailable_provider(name, reason))
+            wanted.add(name)
+        else:
+            raise ValueError(
+                f"unknown provider {name!r}; expected one of {sorted(known)} or 'lora_kernels'"
+            )
+    return [p for p in providers if p.name in wanted]
+
+
+def _backend_unavailable_reason(backend: str, device: torch.device) -> str:
+    available = ", ".join(lora_kernels.available_backends(device))
+    return f"lora_kernels backend {backend!r} is not available on {device.type} (available: {available})"
+
+
+def _unavailable_provider(name: str, reason: str) -> Provider:
+    def build(t: LoRATensors, setting: Setting) -> Built:
+        raise RuntimeError(reason)
+
+    return Provider(name, reason, build, lambda setting: reason)

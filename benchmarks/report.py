@@ -1,0 +1,344 @@
+"""Results: one row per (problem, setting, mode, provider); relative metrics,
+the terminal/markdown tables, run metadata, and the files in
+benchmarks/results/ (``results.csv`` and ``results.jsonl``, appended).
+
+``python -m benchmarks.report [--run RUN_ID] [--markdown]`` prints a stored run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CSV_NAME = "results.csv"
+JSONL_NAME = "results.jsonl"
+
+OK, WRONG, ERROR, SKIPPED = "ok", "WRONG", "ERROR", "skipped"
+
+
+@dataclass
+class Row:
+    in_features: int
+    out_features: int
+    tokens: int
+    rank: int
+    dtype: str
+    bias: bool
+    dropout: float
+    mode: str
+    provider: str
+    status: str
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    repeats: int | None = None
+    tflops: float | None = None
+    speedup_vs_naive: float | None = None
+    speedup_vs_peft: float | None = None
+    overhead_vs_base: float | None = None
+    saved_bytes: int | None = None
+    peak_bytes: int | None = None
+    note: str = ""
+
+    @property
+    def group(self) -> tuple:
+        """Rows of one group time the same work and are compared with each other."""
+        return (
+            self.in_features,
+            self.out_features,
+            self.tokens,
+            self.rank,
+            self.dtype,
+            self.bias,
+            self.dropout,
+            self.mode,
+        )
+
+
+COLUMNS = [f.name for f in dataclasses.fields(Row)]
+
+
+def add_relative_metrics(rows: Sequence[Row]) -> None:
+    """Speedups vs torch-naive and peft (their time / this time) and overhead vs base (this / base)."""
+    medians: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        if row.median_ms is not None:
+            medians.setdefault(row.group, {})[row.provider] = row.median_ms
+    for row in rows:
+        if row.median_ms is None:
+            continue
+        group = medians[row.group]
+        if "torch-naive" in group:
+            row.speedup_vs_naive = group["torch-naive"] / row.median_ms
+        if "peft" in group:
+            row.speedup_vs_peft = group["peft"] / row.median_ms
+        if "base" in group:
+            row.overhead_vs_base = row.median_ms / group["base"]
+
+
+# --------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------
+
+TABLE_HEADER = (
+    "provider",
+    "median ms",
+    "p20–p80 ms",
+    "TFLOP/s",
+    "×naive",
+    "×peft",
+    "÷base",
+    "saved",
+    "peak",
+    "status",
+)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def format_bytes(value: int | None) -> str:
+    if value is None:
+        return "–"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value} B"
+
+
+def _cells(row: Row) -> tuple[str, ...]:
+    spread = "–" if row.p20_ms is None else f"{row.p20_ms:.3f}–{row.p80_ms:.3f}"
+    status = row.status if not row.note else f"{row.status}: {row.note}"
+    return (
+        row.provider,
+        _num(row.median_ms, ".3f"),
+        spread,
+        _num(row.tflops, ".3g"),
+        _num(row.speedup_vs_naive, ".2f"),
+        _num(row.speedup_vs_peft, ".2f"),
+        _num(row.overhead_vs_base, ".2f"),
+        format_bytes(row.saved_bytes),
+        format_bytes(row.peak_bytes),
+        status,
+    )
+
+
+def group_title(row: Row) -> str:
+    bias = " +bias" if row.bias else ""
+    setting = "eval" if row.mode == "inference" else f"dropout {row.dropout:g}"
+    return (
+        f"{row.in_features}→{row.out_features}  M={row.tokens}  r={row.rank}  {row.dtype}{bias}"
+        f"  {setting}  {row.mode}"
+    )
+
+
+def _groups(rows: Iterable[Row]) -> dict[tuple, list[Row]]:
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
+    return groups
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Plain-text table, one block per group."""
+    blocks = []
+    for group_rows in _groups(rows).values():
+        cells = [TABLE_HEADER, *(_cells(r) for r in group_rows)]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_HEADER) - 1)]
+        lines = [group_title(group_rows[0])]
+        for c in cells:
+            lead = "  ".join(
+                v.ljust(w) if i == 0 else v.rjust(w)
+                for i, (v, w) in enumerate(zip(c[:-1], widths, strict=True))
+            )
+            lines.append(f"  {lead}  {c[-1]}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def format_markdown(rows: Sequence[Row]) -> str:
+    """Markdown table, one per group."""
+    blocks = []
+    for group_rows in _groups(rows).values():
+        lines = [
+            f"**{group_title(group_rows[0])}**",
+            "",
+            "| " + " | ".join(TABLE_HEADER) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEADER) - 2) + ["---"]) + "|",
+        ]
+        lines += ["| " + " | ".join(_cells(r)) + " |" for r in group_rows]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# --------------------------------------------------------------------------
+# Metadata and files
+# --------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # absent or broken: recorded as missing
+        return None
+
+
+def run_metadata(device: torch.device, preset: str, argv: Sequence[str]) -> dict:
+    import lora_kernels
+
+    now = dt.datetime.now(dt.timezone.utc)
+    meta = {
+        "run_id": f"{now:%Y%m%dT%H%M%SZ}-{device.type}",
+        "date": now.isoformat(timespec="seconds"),
+        "device": device.type,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # Other load on the machine slows CPU timings; recorded so a run can be judged.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "gpu_model": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peft": _version("peft"),
+        "lora_kernels": lora_kernels.__version__,
+        "backends": lora_kernels.available_backends(device),
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "preset": preset,
+        "argv": list(argv),
+    }
+    meta["device_model"] = meta["gpu_model"] or meta["cpu_model"]
+    return meta
+
+
+META_COLUMNS = (
+    "run_id",
+    "date",
+    "device",
+    "device_model",
+    "torch",
+    "triton",
+    "git_commit",
+    "preset",
+)
+
+
+def save(rows: Sequence[Row], meta: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """Append the rows to results.csv (with the run's metadata columns) and
+    the run to results.jsonl; returns both paths."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, jsonl_path = results_dir / CSV_NAME, results_dir / JSONL_NAME
+    fieldnames = [*META_COLUMNS, *COLUMNS]
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != fieldnames:  # columns changed: keep the old file aside
+            csv_path.rename(csv_path.with_suffix(f".before-{meta['run_id']}.csv"))
+    new_file = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        if new_file:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: meta[k] for k in META_COLUMNS}, **dataclasses.asdict(row)})
+    with open(jsonl_path, "a") as f:
+        f.write(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}) + "\n")
+    return csv_path, jsonl_path
+
+
+def load_runs(path: Path = RESULTS_DIR / JSONL_NAME) -> list[tuple[dict, list[Row]]]:
+    """Every stored run, oldest first."""
+    runs = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                runs.append((record["meta"], [Row(**r) for r in record["rows"]]))
+    return runs
+
+
+def describe(meta: dict) -> str:
+    """One line naming the machine and versions of a run."""
+    model = meta["device_model"]
+    threads = ""
+    if meta["device"] == "cpu":
+        threads = f", {meta['torch_threads']} threads, load {meta.get('load_average_1min', 0):.1f}"
+    return (
+        f"{meta['device']} ({model}{threads}); torch {meta['torch']}, triton {meta['triton']}, "
+        f"peft {meta['peft']}; lora_kernels {meta['lora_kernels']} @ {meta['git_commit']}; "
+        f"{meta['date']}; preset {meta['preset']}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description="Print a stored benchmark run."
+    )
+    parser.add_argument("--input", type=Path, default=RESULTS_DIR / JSONL_NAME)
+    parser.add_argument("--run", default="latest", help="a run_id, or 'latest' (default)")
+    parser.add_argument("--markdown", action="store_true", help="markdown tables (for the README)")
+    args = parser.parse_args(argv)
+    if not args.input.exists():
+        raise SystemExit(f"{args.input} does not exist: run `python -m benchmarks.run` first")
+    runs = load_runs(args.input)
+    if not runs:
+        raise SystemExit(f"no runs in {args.input}")
+    if args.run == "latest":
+        meta, rows = runs[-1]
+    else:
+        matches = [run for run in runs if run[0]["run_id"] == args.run]
+        if not matches:
+            raise SystemExit(
+                f"no run {args.run!r} in {args.input}; have {[m['run_id'] for m, _ in runs]}"
+            )
+        meta, rows = matches[-1]
+    print(describe(meta))
+    print()
+    print(format_markdown(rows) if args.markdown else format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""Run the benchmark suite.
+
+    python -m benchmarks.run                      # default device (cuda if present) and preset
+    python -m benchmarks.run --preset full --device cuda
+    python -m benchmarks.run --shapes 4096x1024 --tokens 2048 --ranks 8 16 \\
+        --dtypes bf16 --providers base peft lora_kernels --modes forward+backward --dropout 0.1
+
+For every problem (shape, tokens, rank, dtype) and setting (training at each
+dropout, inference), each provider is built on the same tensors, checked
+against the float64 oracle, and only then timed; results go to the terminal
+and are appended to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .cases import (
+    BACKWARD,
+    DTYPES,
+    FORWARD,
+    FORWARD_BACKWARD,
+    INFERENCE,
+    MODES,
+    PRESETS,
+    Grid,
+    LoRATensors,
+    Problem,
+    Setting,
+    dtype_name,
+    make_tensors,
+)
+from .flops import lora_flops
+from .memory import cuda_peak_bytes, saved_tensor_bytes
+from .providers import Built, Provider, select_providers
+from .report import (
+    ERROR,
+    OK,
+    RESULTS_DIR,
+    SKIPPED,
+    WRONG,
+    Row,
+    add_relative_metrics,
+    describe,
+    format_table,
+    run_metadata,
+    save,
+)
+from .timing import CpuTimingBudget, CudaTimingBudget, Task, time_tasks
+from .validation import Reference, validate
+
+
+def make_task(built: Built, mode: str, t: LoRATensors) -> Task:
+    """The timed call of ``mode``: training modes take gradients for x, A and B."""
+    module = built.module
+    if mode == INFERENCE:
+
+        def infer(_):
+            with torch.no_grad():
+                return module(t.x)
+
+        return Task(infer)
+    x = t.x.detach().requires_grad_(True)
+    grads = (x, *built.trainable())
+    if mode == FORWARD:
+        return Task(lambda _: module(x), grads=grads)
+    if mode == BACKWARD:
+        return Task(lambda y: y.backward(t.grad_y), prepare=lambda: module(x), grads=grads)
+    if mode == FORWARD_BACKWARD:
+        return Task(lambda _: module(x).backward(t.grad_y), grads=grads)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+class Runner:
+    """Runs a grid on one device, row by row, with a progress bar."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        device: torch.device,
+        *,
+        seed: int = 0,
+        cpu_budget: CpuTimingBudget | None = None,
+        cuda_budget: CudaTimingBudget | None = None,
+    ) -> None:
+        self.grid = grid
+        self.device = device
+        self.seed = seed
+        self.cpu_budget = cpu_budget or CpuTimingBudget()
+        self.cuda_budget = cuda_budget or CudaTimingBudget()
+        self.providers = select_providers(grid.providers, device)
+
+    def total_rows(self) -> int:
+        per_problem = sum(len(self.grid.modes_of(s)) for s in self.grid.settings())
+        return len(self.grid.problems(self.device.type)) * per_problem * len(self.providers)
+
+    def run(self, progress: bool = True) -> list[Row]:
+        rows: list[Row] = []
+        with tqdm(
+            total=self.total_rows(), unit="row", disable=not progress, dynamic_ncols=True
+        ) as bar:
+            for problem in self.grid.problems(self.device.type):
+                rows += self.run_problem(problem, bar)
+        add_relative_metrics(rows)
+        return rows
+
+    def run_problem(self, problem: Problem, bar: tqdm) -> list[Row]:
+        t = make_tensors(problem, self.seed)
+        ref = Reference(t)
+        checked_at_zero: dict[str, str | None] = {}
+        rows = []
+        for setting in self.grid.settings():
+            bar.set_description(f"{problem.label} {setting.label}")
+            rows += self.run_setting(problem, setting, t, ref, checked_at_zero, bar)
+        del t, ref
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return rows
+
+    def run_setting(
+        self,
+        problem: Problem,
+        setting: Setting,
+        t: LoRATensors,
+        ref: Reference,
+        checked_at_zero: dict[str, str | None],
+        bar: tqdm,
+    ) -> list[Row]:
+        modes = self.grid.modes_of(setting)
+
+        def row(provider: Provider, mode: str, status: str, note: str = "", **metrics) -> Row:
+            return Row(
+                in_features=problem.in_features,
+                out_features=problem.out_features,
+                tokens=problem.tokens,
+                rank=problem.rank,
+                dtype=dtype_name(problem.dtype),
+                bias=problem.bias,
+                dropout=setting.dropout_p,
+                mode=mode,
+                provider=provider.name,
+                status=status,
+                note=note,
+                **metrics,
+            )
+
+        results: dict[tuple[str, str], Row] = {}
+        live: dict[str, tuple[Provider, Built]] = {}
+        saved: dict[str, int] = {}
+        for provider in self.providers:
+            reason = provider.unsupported(setting)
+            status, note = (SKIPPED, reason) if reason else (OK, "")
+            if reason is None:
+                try:
+                    built = provider.build(t, setting)
+                    error = validate(provider, built, setting, t, ref, checked_at_zero)
+                    if error is None and setting.training:
+                        built.module.train()
+                        x = t.x.detach().requires_grad_(True)
+                        saved[provider.name] = saved_tensor_bytes(
+                            lambda m=built.module, x=x: m(x), alive=[x, *t.parameters()]
+                        )
+                except Exception as exc:  # a broken provider is reported, not fatal
+                    status, note = ERROR, _first_line(exc)
+                else:
+                    if error is not None:
+                        status, note = WRONG, error
+            if status == OK:
+                built.module.train(setting.training)
+                live[provider.name] = (provider, built)
+            else:
+                for mode in modes:
+                    results[mode, provider.name] = row(provider, mode, status, note)
+                bar.update(len(modes))
+
+        for mode in modes:
+            tasks = {name: make_task(built, mode, t) for name, (_, built) in live.items()}
+            peaks = self._cuda_peaks(tasks) if self.device.type == "cuda" else {}
+            timings = time_tasks(tasks, self.device, self.cpu_budget, self.cuda_budget)
+            for name, (provider, _) in live.items():
+                timing = timings.get(name)
+                if isinstance(timing, Exception) or timing is None:
+                    results[mode, name] = row(provider, mode, ERROR, _first_line(timing))
+                    continue
+                rank = problem.rank if provider.lora_flops else 0
+                flops = lora_flops(
+                    mode, problem.tokens, problem.in_features, problem.out_features, rank
+                )
+                results[mode, name] = row(
+                    provider,
+                    mode,
+                    OK,
+                    median_ms=timing.median_ms,
+                    p20_ms=timing.p20_ms,
+                    p80_ms=timing.p80_ms,
+                    repeats=timing.repeats,
+                    tflops=flops / (timing.median_ms * 1e-3) / 1e12,
+                    saved_bytes=saved.get(name),
+                    peak_bytes=peaks.get(name),
+                )
+            bar.update(len(live))
+        return [results[mode, p.name] for mode in modes for p in self.providers]
+
+    def _cuda_peaks(self, tasks: dict[str, Task]) -> dict[str, int]:
+        peaks = {}
+        for name, task in tasks.items():
+            try:
+                arg = task.reset()
+                peaks[name] = cuda_peak_bytes(
+                    lambda task=task, arg=arg: task.call(arg), self.device
+                )
+                del arg
+            except Exception:  # the timing of the same task reports the error
+                pass
+        return peaks
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def _split(values: Sequence[str] | None) -> list[str] | None:
+    """Accept both `--x a b` and `--x a,b`."""
+    if values is None:
+        return None
+    return [v for value in values for v in value.split(",") if v.strip()]
+
+
+def _shape(text: str) -> tuple[int, int]:
+    for sep in ("x", "→", "->", ":"):
+        if sep in text:
+            k, n = text.split(sep, 1)
+            return int(k), int(n)
+    raise ValueError(f"--shapes entries look like 4096x1024 (in x out), got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Benchmark every LoRA linear provider, checked against float64 first.",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="grid to run (default: full on CUDA, quick on CPU)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu"
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="KxN",
+        help="in_features x out_features, e.g. 4096x4096 4096x14336",
+    )
+    parser.add_argument("--tokens", nargs="+", metavar="M", help="tokens per batch (rows of x)")
+    parser.add_argument("--ranks", nargs="+", metavar="R", help="LoRA ranks")
+    parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", help="fp32, bf16, fp16")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        metavar="NAME",
+        help="base torch-naive peft addmm torch-compile merged lora_kernels lora_kernels:<backend>",
+    )
+    parser.add_argument("--modes", nargs="+", metavar="MODE", help=" ".join(MODES))
+    parser.add_argument("--dropout", nargs="+", metavar="P", help="LoRA dropout probabilities")
+    parser.add_argument("--bias", action="store_true", help="give the base layer a bias")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument(
+        "--cpu-seconds",
+        type=float,
+        default=CpuTimingBudget.seconds,
+        help="CPU: target seconds of timing per group of providers",
+    )
+    parser.add_argument(
+        "--rep-ms",
+        type=float,
+        default=CudaTimingBudget.rep_ms,
+        help="CUDA: do_bench rep (ms per provider and mode)",
+    )
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--no-save", action="store_true", help="print only, write no files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def grid_from_args(args: argparse.Namespace, device: torch.device) -> tuple[str, Grid]:
+    preset = args.preset or ("full" if device.type == "cuda" else "quick")
+    grid = PRESETS[preset]
+    overrides = {}
+    if args.shapes:
+        overrides["shapes"] = tuple(_shape(s) for s in _split(args.shapes))
+    if args.tokens:
+        overrides["tokens"] = tuple(int(v) for v in _split(args.tokens))
+    if args.ranks:
+        overrides["ranks"] = tuple(int(v) for v in _split(args.ranks))
+    if args.dtypes:
+        unknown = [d for d in _split(args.dtypes) if d not in DTYPES]
+        if unknown:
+            raise ValueError(f"--dtypes: unknown {unknown}; expected some of {sorted(DTYPES)}")
+        overrides["dtypes"] = tuple(DTYPES[d] for d in _split(args.dtypes))
+    if args.providers:
+        overrides["providers"] = tuple(_split(args.providers))
+    if args.modes:
+        unknown = [m for m in _split(args.modes) if m not in MODES]
+        if unknown:
+            raise ValueError(f"--modes: unknown {unknown}; expected some of {MODES}")
+        overrides["modes"] = tuple(_split(args.modes))
+    if args.dropout:
+        overrides["dropouts"] = tuple(float(v) for v in _split(args.dropout))
+        if any(not 0.0 <= p < 1.0 for p in overrides["dropouts"]):
+            raise ValueError("--dropout values must be in [0, 1)")
+    if args.bias:
+        overrides["bias"] = True
+    if any(v < 1 for key in ("tokens", "ranks") for v in overrides.get(key, ())):
+        raise ValueError("--tokens and --ranks must be >= 1")
+    return preset, dataclasses.replace(grid, **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    try:
+        preset, grid = grid_from_args(args, device)
+        runner = Runner(
+            grid,
+            device,
+            seed=args.seed,
+            cpu_budget=dataclasses.replace(CpuTimingBudget(), seconds=args.cpu_seconds),
+            cuda_budget=dataclasses.replace(CudaTimingBudget(), rep_ms=args.rep_ms),
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    meta = run_metadata(device, preset, argv)
+    print(f"lora_kernels benchmark: {describe(meta)}")
+    print("providers: " + ", ".join(p.name for p in runner.providers))
+    start = time.perf_counter()
+    rows = runner.run(progress=not args.no_progress)
+    wall_s = time.perf_counter() - start
+    meta["wall_seconds"] = round(wall_s, 1)
+    if hasattr(os, "getloadavg"):
+        meta["load_average_1min_end"] = os.getloadavg()[0]
+
+    print()
+    print(format_table(rows))
+    print()
+    print(f"{len(rows)} rows in {wall_s:.0f} s")
+    if not args.no_save:
+        csv_path, jsonl_path = save(rows, meta, args.results_dir)
+        print(f"appended to {csv_path} and {jsonl_path} (run {meta['run_id']})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

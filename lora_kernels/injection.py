@@ -1,0 +1,148 @@
+"""Put ``LoRALinear`` into any model, the way peft's ``target_modules`` selects
+layers, and count its trainable parameters."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from .layers import LoRALinear
+
+ALL_LINEAR = "all-linear"
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _candidate_modules(model: nn.Module):
+    """(name, module) of every module that is not inside a ``LoRALinear``: an
+    adapted layer's ``base_layer``/``lora_A``/``lora_B`` are never targets."""
+    inside_lora: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside_lora):
+            continue
+        if isinstance(module, LoRALinear):
+            inside_lora.append(f"{name}.")
+        yield name, module
+
+
+def target_module_names(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+    """Names of the modules that peft's ``target_modules`` selects.
+
+    A string is a regular expression full-matched against each module name
+    (``"all-linear"`` selects every ``nn.Linear`` but the output embedding);
+    a list holds names or name suffixes (``"q_proj"`` matches
+    ``"model.layers.0.self_attn.q_proj"``).
+    """
+    if isinstance(target_modules, str):
+        if target_modules.lower() == ALL_LINEAR:
+            head = _output_embeddings(model)
+            return [
+                name
+                for name, module in _candidate_modules(model)
+                if type(module) is nn.Linear and module is not head
+            ]
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(
+                f"target_modules {target_modules!r} is not a valid regular expression: {exc}"
+            ) from exc
+        return [name for name, _ in _candidate_modules(model) if pattern.fullmatch(name)]
+
+    suffixes = list(target_modules)
+    if not suffixes or not all(isinstance(s, str) and s for s in suffixes):
+        raise ValueError(
+            f"target_modules must be a regex string or a non-empty list of module-name "
+            f"suffixes, got {target_modules!r}"
+        )
+    return [
+        name
+        for name, _ in _candidate_modules(model)
+        if name and any(name == s or name.endswith(f".{s}") for s in suffixes)
+    ]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Set the submodule at dotted ``name`` to ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    r: int = 8,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    init_lora_weights: bool | str = True,
+    *,
+    backend: str = "auto",
+) -> nn.Module:
+    """Replace the ``nn.Linear`` layers that ``target_modules`` selects with
+    ``LoRALinear`` sharing their weights, and freeze everything else.
+
+    Args:
+        model: any ``nn.Module``; modified in place.
+        target_modules: as peft's: a list of module names or name suffixes,
+            a regex full-matched against module names, or ``"all-linear"``.
+        r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend:
+            passed to ``LoRALinear`` (``init_lora_weights=True`` leaves the
+            model's outputs unchanged until training moves B away from zero).
+
+    Returns:
+        ``model``, with only the LoRA A and B matrices trainable.
+
+    Raises:
+        ValueError: no module matched ``target_modules``.
+        TypeError: a matched module is not an ``nn.Linear``.
+    """
+    names = target_module_names(model, target_modules)
+    if not names:
+        raise ValueError(
+            f"target_modules {target_modules!r} matched no module of "
+            f"{type(model).__name__}; pass module-name suffixes (e.g. ['q_proj', 'v_proj']) "
+            "or a regex that full-matches module names"
+        )
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear):
+            raise TypeError(f"target module {name!r} already is a LoRALinear")
+        if type(module) is not nn.Linear:
+            raise TypeError(
+                f"target module {name!r} is a {type(module).__name__}; LoRA is injected into "
+                "nn.Linear layers only (narrow target_modules)"
+            )
+
+    model.requires_grad_(False)
+    for name in names:
+        layer = LoRALinear.from_linear(
+            model.get_submodule(name),
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            init_lora_weights=init_lora_weights,
+            backend=backend,
+        )
+        replace_module(model, name, layer)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int, float]:
+    """(trainable, total, percent trainable), as peft's ``print_trainable_parameters``.
+
+    Parameters shared between modules (tied embeddings) are counted once.
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total, 100.0 * trainable / total if total else 0.0

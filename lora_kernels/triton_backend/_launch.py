@@ -1,0 +1,108 @@
+"""Host-side launch decisions shared by the Triton kernels: block sizes for the
+rank dimension, how far to split a reduction, the fp32 dot precision, and
+whether the kernels run in Triton's interpreter."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+
+# ``@triton.jit`` decides at decoration time whether a kernel is compiled or
+# interpreted, so what matters is the environment when this package was imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The smallest tile edge tl.dot accepts; the rank is padded up to it with masks.
+MIN_DOT_BLOCK = 16
+# Rank chunk of the skinny kernels (shrink, dS/dB, dA), whose accumulator holds
+# a rank chunk for a whole reduction: ranks above it add a grid dimension.
+SKINNY_RANK_BLOCK = 128
+# Rank chunk of the GEMMs (forward, dx), which loop over the rank to seed
+# their accumulator.
+GEMM_RANK_BLOCK = 64
+# Programs the interpreter is asked to keep busy: small enough that test
+# shapes of a few row tiles take the split-reduction path too.
+INTERPRETER_PROGRAMS = 4
+
+
+def rank_block(r: int, cap: int) -> int:
+    """Rank chunk: r rounded up to a power of two, at least MIN_DOT_BLOCK, at most ``cap``."""
+    return min(max(MIN_DOT_BLOCK, triton.next_power_of_2(r)), cap)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def size_class(n: int) -> int:
+    """``n`` rounded up to a power of two: the M in the GEMMs' autotuning key.
+    A symbolic size (torch.compile, whose own autotuning ignores the key)
+    passes through unchanged rather than being specialised."""
+    return triton.next_power_of_2(n) if isinstance(n, int) else n
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs a launch needs to fill ``device``: two per SM on a GPU."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 2 * _sm_count(index)
+    return INTERPRETER_PROGRAMS
+
+
+def reduction_split(
+    programs: int, length: int, block: int, device: torch.device
+) -> tuple[int, int]:
+    """(splits, length per split) of a reduction of ``length`` in blocks of ``block``.
+
+    A launch of ``programs`` tiles too few to fill the device splits its
+    reduction into chunks (a whole number of blocks each) whose partial sums
+    are added afterwards in a fixed order, so the result stays deterministic.
+    """
+    blocks = triton.cdiv(length, block)
+    wanted = triton.cdiv(target_programs(device), max(programs, 1))
+    splits = max(1, min(wanted, blocks))
+    per_split = triton.cdiv(blocks, splits) * block
+    return triton.cdiv(length, per_split), per_split
+
+
+def allow_tf32() -> bool:
+    """Whether fp32 dots may use TF32, following torch's own matmul setting
+    (``torch.backends.cuda.matmul.allow_tf32``, off by default)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+# Used when torch cannot report the opt-in limit: the smallest of current GPUs
+# (sm86/sm89), so the kernels still launch.
+_FALLBACK_SHARED_MEMORY = 99 * 1024
+
+
+@functools.cache
+def _shared_memory(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", _FALLBACK_SHARED_MEMORY)
+
+
+def fit_pipeline(
+    stage_bytes: Callable[[int], int], block: int, device: torch.device
+) -> tuple[int, int]:
+    """(streaming block, num_stages) for a non-autotuned kernel: the deepest
+    pipeline (at most 3 stages) whose shared memory fits the device, halving
+    the block the kernel streams along its reduction if even 2 stages don't.
+
+    ``stage_bytes(block)`` over-estimates one stage: every tile its loop loads.
+    """
+    if device.type != "cuda":
+        return block, 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    budget = _shared_memory(index)
+    while True:
+        for stages in (3, 2):
+            if stages * stage_bytes(block) <= budget:
+                return block, stages
+        if block <= 2 * MIN_DOT_BLOCK:
+            return block, 1
+        block //= 2

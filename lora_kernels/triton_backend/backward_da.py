@@ -1,0 +1,137 @@
+"""dA = dSᵀ·x̃ (r×K), the dropout mask regenerated while x tiles load.
+
+A program owns a column tile of dA (all ranks of a rank chunk) and runs down
+the offs_m of x, masking each x tile in registers as the shrink did; the
+1/(1−p) factor is applied once at the end. M is split across programs when
+the column tiles alone cannot fill the GPU, and the fp32 partial sums are
+added in a fixed order (deterministic). The dot runs in fp32 (dS is fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import _launch
+from ._dot import mixed_dot
+from ._dropout import DropoutArgs, keep_mask, quad_aligned
+
+
+@triton.jit
+def _grad_a_kernel(
+    ds_ptr,
+    x_ptr,
+    seed_ptr,
+    da_ptr,
+    M,
+    K,
+    R,
+    m_per_split,
+    stride_dsm,
+    stride_dsr,
+    stride_xm,
+    stride_xk,
+    stride_da_split,
+    stride_dar,
+    stride_dak,
+    threshold,
+    keep_scale,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    QUAD_ALIGNED: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+):
+    # Program (column tile, rank chunk, M split) -> dA[ranks, cols] (or its
+    # partial sum over the split's offs_m).
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    m_start = pid_split * m_per_split
+    m_end = tl.minimum(m_start + m_per_split, M)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+
+    da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < m_end
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        if DROPOUT:
+            x = tl.where(keep_mask(seed, offs_m, k0, K, threshold, BLOCK_K, QUAD_ALIGNED), x, 0.0)
+        ds_t = tl.load(
+            ds_ptr + offs_r[:, None] * stride_dsr + offs_m[None, :] * stride_dsm,
+            mask=mask_r[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        da = mixed_dot(ds_t, x, da, True, ALLOW_TF32)
+    if DROPOUT:
+        da = da * keep_scale
+    tl.store(
+        da_ptr
+        + pid_split * stride_da_split
+        + offs_r[:, None] * stride_dar
+        + offs_k[None, :] * stride_dak,
+        da,
+        mask=mask_r[:, None] & mask_k[None, :],
+    )
+
+
+def _blocks() -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_M): column tiles of dA, offs_m of x per step."""
+    return (32, 32) if _launch.INTERPRETED else (64, 128)
+
+
+def grad_a_pass(dS: torch.Tensor, x: torch.Tensor, dropout: DropoutArgs) -> torch.Tensor:
+    """dA = dSᵀ·x̃ (r×K, fp32) for M ≥ 1."""
+    M, K = x.shape
+    R = dS.shape[1]
+    block_k, block_m = _blocks()
+    block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
+    block_m, stages = _launch.fit_pipeline(
+        lambda bm: bm * (block_k * x.element_size() + block_r * 4), block_m, x.device
+    )
+    tiles = triton.cdiv(K, block_k) * triton.cdiv(R, block_r)
+    splits, m_per_split = _launch.reduction_split(tiles, M, block_m, x.device)
+    da = x.new_empty((R, K) if splits == 1 else (splits, R, K), dtype=torch.float32)
+    grid = (triton.cdiv(K, block_k), triton.cdiv(R, block_r), splits)
+    wrap_triton(_grad_a_kernel)[grid](
+        dS,
+        x,
+        dropout.seed,
+        da,
+        M,
+        K,
+        R,
+        m_per_split,
+        dS.stride(0),
+        dS.stride(1),
+        x.stride(0),
+        x.stride(1),
+        0 if splits == 1 else da.stride(0),
+        da.stride(-2),
+        da.stride(-1),
+        dropout.threshold,
+        dropout.keep_scale,
+        BLOCK_K=block_k,
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        DROPOUT=dropout.enabled,
+        QUAD_ALIGNED=quad_aligned(K),
+        ALLOW_TF32=_launch.allow_tf32(),
+        num_warps=4,
+        num_stages=stages,
+    )
+    return da if splits == 1 else da.sum(0)

@@ -1,0 +1,164 @@
+"""dx = dy·W0 + D⊙(dS·A)/(1−p) in one GEMM.
+
+Each output tile (rows of x × input features) first computes its LoRA term
+dS·A over the rank in fp32, applies the regenerated dropout mask and 1/(1−p)
+to that term alone, and then uses it as the initial accumulator of the base
+GEMM dy·W0, which runs over the output features. The LoRA term thus has its
+own accumulation (the mask never touches dy·W0) without holding a second
+accumulator through the main loop. Grouped tile order, wrapped edge loads
+and masked stores as in the forward GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import _launch
+from ._dot import mixed_dot
+from ._dropout import DropoutArgs, keep_mask, quad_aligned
+from ._gemm_configs import gemm_configs, prune_by_shape
+from ._tiling import grouped_tile
+
+
+@triton.autotune(
+    # Output columns run over the input features K, the reduction over N.
+    configs=gemm_configs("BLOCK_K", "BLOCK_N"),
+    key=["M_BUCKET", "N", "K", "R"],
+    prune_configs_by={"early_config_prune": prune_by_shape("K", "BLOCK_K")},
+)
+@triton.jit
+def _grad_x_kernel(
+    dy_ptr,
+    w_ptr,
+    ds_ptr,
+    a_ptr,
+    seed_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_dym,
+    stride_dyn,
+    stride_wn,
+    stride_wk,
+    stride_dsm,
+    stride_dsr,
+    stride_ar,
+    stride_ak,
+    stride_dxm,
+    stride_dxk,
+    threshold,
+    keep_scale,
+    DROPOUT: tl.constexpr,
+    QUAD_ALIGNED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    rows = offs_m % M
+    cols = offs_k % K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        ds = tl.load(
+            ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+            mask=mask_r[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
+            mask=mask_r[:, None],
+            other=0.0,
+        )
+        acc = mixed_dot(ds, a, acc, True, ALLOW_TF32)
+    if DROPOUT:
+        # The mask of the tile's true (unwrapped) rows and columns.
+        keep = keep_mask(
+            tl.load(seed_ptr), offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_K, QUAD_ALIGNED
+        )
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_n = offs_n < N
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=mask_n[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + cols[None, :] * stride_wk,
+            mask=mask_n[:, None],
+            other=0.0,
+        )
+        acc = mixed_dot(dy, w, acc, FP32_DOT, ALLOW_TF32)
+
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],
+    )
+
+
+def grad_x_gemm(
+    grad_y: torch.Tensor,
+    weight: torch.Tensor,
+    dS: torch.Tensor,
+    lora_A: torch.Tensor,
+    x: torch.Tensor,
+    dropout: DropoutArgs,
+) -> torch.Tensor:
+    """dx (M×K, x's dtype, contiguous) for M ≥ 1; ``x`` gives the shape and dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+    wrap_triton(_grad_x_kernel)[grid](
+        grad_y,
+        weight,
+        dS,
+        lora_A,
+        dropout.seed,
+        dx,
+        M,
+        N,
+        K,
+        R,
+        _launch.size_class(M),
+        grad_y.stride(0),
+        grad_y.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        dS.stride(0),
+        dS.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+        dropout.threshold,
+        dropout.keep_scale,
+        DROPOUT=dropout.enabled,
+        QUAD_ALIGNED=quad_aligned(K),
+        FP32_DOT=x.dtype == torch.float32,
+        ALLOW_TF32=_launch.allow_tf32(),
+        BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
+    )
+    return dx

@@ -1,0 +1,269 @@
+"""The rank-r gradients read off dy: dS = s·dy·B (M×r) and dB = s·dyᵀ·S (N×r).
+
+``dy_pass`` reads dy once for both: a program owns a row tile, sweeps its
+columns accumulating dS in registers, and adds each column tile's dB
+contribution (dyᵀ·S of its offs_m) into an fp32 buffer with atomics. Atomic
+order varies from run to run, so under ``torch.use_deterministic_algorithms``
+dB comes instead from ``grad_b_pass``, a second read of dy where each program
+owns a tile of dB and the split reduction over M is summed in a fixed order.
+Both accumulate in fp32; dB's dots run in fp32 (S is fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import _launch
+from ._dot import mixed_dot
+
+
+@triton.jit
+def _dy_pass_kernel(
+    dy_ptr,
+    b_ptr,
+    s_ptr,
+    ds_ptr,
+    db_ptr,
+    M,
+    N,
+    R,
+    n_per_split,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_sm,
+    stride_sr,
+    stride_ds_split,
+    stride_dsm,
+    stride_dsr,
+    stride_dbn,
+    stride_dbr,
+    scaling,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+):
+    # Program (row tile, rank chunk, N split) -> dS[offs_m, ranks] (or its partial
+    # sum over the split's columns), and dB contributions of its offs_m.
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    n_start = pid_split * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    if COMPUTE_DB:
+        s = tl.load(
+            s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+            mask=mask_m[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_n = offs_n < n_end
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=mask_m[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            mask=mask_n[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        ds = mixed_dot(dy, b, ds, FP32_DOT, ALLOW_TF32)
+        if COMPUTE_DB:
+            db = mixed_dot(
+                tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, ALLOW_TF32
+            )
+            tl.atomic_add(
+                db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                db * scaling,
+                mask=mask_n[:, None] & mask_r[None, :],
+                sem="relaxed",
+            )
+    tl.store(
+        ds_ptr
+        + pid_split * stride_ds_split
+        + offs_m[:, None] * stride_dsm
+        + offs_r[None, :] * stride_dsr,
+        ds * scaling,
+        mask=mask_m[:, None] & mask_r[None, :],
+    )
+
+
+@triton.jit
+def _grad_b_kernel(
+    dy_ptr,
+    s_ptr,
+    db_ptr,
+    M,
+    N,
+    R,
+    m_per_split,
+    stride_dym,
+    stride_dyn,
+    stride_sm,
+    stride_sr,
+    stride_db_split,
+    stride_dbn,
+    stride_dbr,
+    scaling,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+):
+    # Program (column tile, rank chunk, M split) -> dB[cols, ranks] (or its
+    # partial sum over the split's offs_m).
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    m_start = pid_split * m_per_split
+    m_end = tl.minimum(m_start + m_per_split, M)
+
+    db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < m_end
+        dy_t = tl.load(
+            dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
+            mask=mask_n[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        s = tl.load(
+            s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+            mask=mask_m[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        db = mixed_dot(dy_t, s, db, True, ALLOW_TF32)
+    tl.store(
+        db_ptr
+        + pid_split * stride_db_split
+        + offs_n[:, None] * stride_dbn
+        + offs_r[None, :] * stride_dbr,
+        db * scaling,
+        mask=mask_n[:, None] & mask_r[None, :],
+    )
+
+
+def _dy_pass_blocks() -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the dy pass."""
+    return (32, 32) if _launch.INTERPRETED else (64, 128)
+
+
+def _grad_b_blocks() -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_M) of the dB pass."""
+    return (32, 32) if _launch.INTERPRETED else (64, 128)
+
+
+def dy_pass(
+    grad_y: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: float, with_grad_b: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dS, dB or None): dS (M×r, fp32) and, when ``with_grad_b``, dB (N×r,
+    fp32, atomically accumulated) from one read of dy, M ≥ 1."""
+    M, N = grad_y.shape
+    R = lora_B.shape[1]
+    block_m, block_n = _dy_pass_blocks()
+    block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
+    block_n, stages = _launch.fit_pipeline(
+        lambda bn: (
+            bn * (block_m * grad_y.element_size() + block_r * lora_B.element_size())
+            + block_m * block_r * 4
+        ),
+        block_n,
+        grad_y.device,
+    )
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
+    splits, n_per_split = _launch.reduction_split(tiles, N, block_n, grad_y.device)
+    ds = grad_y.new_empty((M, R) if splits == 1 else (splits, M, R), dtype=torch.float32)
+    db = grad_y.new_zeros((N, R), dtype=torch.float32) if with_grad_b else ds
+    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r), splits)
+    wrap_triton(_dy_pass_kernel)[grid](
+        grad_y,
+        lora_B,
+        S,
+        ds,
+        db,
+        M,
+        N,
+        R,
+        n_per_split,
+        grad_y.stride(0),
+        grad_y.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        S.stride(0),
+        S.stride(1),
+        0 if splits == 1 else ds.stride(0),
+        ds.stride(-2),
+        ds.stride(-1),
+        db.stride(-2),
+        db.stride(-1),
+        scaling,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+        COMPUTE_DB=with_grad_b,
+        FP32_DOT=torch.float32 in (grad_y.dtype, lora_B.dtype),
+        ALLOW_TF32=_launch.allow_tf32(),
+        num_warps=4,
+        num_stages=stages,
+    )
+    if splits > 1:
+        ds = ds.sum(0)
+    return ds, (db if with_grad_b else None)
+
+
+def grad_b_pass(grad_y: torch.Tensor, S: torch.Tensor, scaling: float) -> torch.Tensor:
+    """dB = s·dyᵀ·S (N×r, fp32), deterministic, M ≥ 1."""
+    M, N = grad_y.shape
+    R = S.shape[1]
+    block_n, block_m = _grad_b_blocks()
+    block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
+    block_m, stages = _launch.fit_pipeline(
+        lambda bm: bm * (block_n * grad_y.element_size() + block_r * 4), block_m, grad_y.device
+    )
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(R, block_r)
+    splits, m_per_split = _launch.reduction_split(tiles, M, block_m, grad_y.device)
+    db = grad_y.new_empty((N, R) if splits == 1 else (splits, N, R), dtype=torch.float32)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(R, block_r), splits)
+    wrap_triton(_grad_b_kernel)[grid](
+        grad_y,
+        S,
+        db,
+        M,
+        N,
+        R,
+        m_per_split,
+        grad_y.stride(0),
+        grad_y.stride(1),
+        S.stride(0),
+        S.stride(1),
+        0 if splits == 1 else db.stride(0),
+        db.stride(-2),
+        db.stride(-1),
+        scaling,
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        ALLOW_TF32=_launch.allow_tf32(),
+        num_warps=4,
+        num_stages=stages,
+    )
+    return db if splits == 1 else db.sum(0)

@@ -1,0 +1,158 @@
+"""Forward GEMM: y = x·W0ᵀ + s·S·Bᵀ + b in one kernel.
+
+Each output tile first computes its rank-r product s·S·Bᵀ (S cast to x's
+dtype, as the reference expands it) and uses it as the initial accumulator of
+the base GEMM, so the LoRA term costs r/K of the tile's work and no extra
+pass over y. Bias is added in the epilogue, in fp32, before the one rounding
+to x's dtype. Tiles are visited in grouped order; rows and columns past the
+edge are wrapped into range on load and masked on store, K tails are masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import _launch
+from ._dot import mixed_dot
+from ._gemm_configs import gemm_configs, prune_by_shape
+from ._tiling import grouped_tile
+
+
+@triton.autotune(
+    configs=gemm_configs("BLOCK_N", "BLOCK_K"),
+    key=["M_BUCKET", "N", "K", "R"],
+    prune_configs_by={"early_config_prune": prune_by_shape("N", "BLOCK_N")},
+)
+@triton.jit
+def _forward_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_sm,
+    stride_sr,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    stride_bias,
+    scaling,
+    HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    # Edge tiles load wrapped rows/columns (valid memory, results discarded by
+    # the store mask), so only the reduction dimension needs load masks.
+    rows = offs_m % M
+    cols = offs_n % N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        s = tl.load(
+            s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+            mask=mask_r[None, :],
+            other=0.0,
+        )
+        b_t = tl.load(
+            b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
+            mask=mask_r[:, None],
+            other=0.0,
+        )
+        acc = mixed_dot(s.to(y_ptr.dtype.element_ty), b_t, acc, FP32_DOT, ALLOW_TF32)
+    acc = acc * scaling
+
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_k[None, :],
+            other=0.0,
+        )
+        w_t = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
+            mask=mask_k[:, None],
+            other=0.0,
+        )
+        acc = mixed_dot(x, w_t, acc, FP32_DOT, ALLOW_TF32)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_m < M)[:, None] & (offs_n < N)[None, :],
+    )
+
+
+def forward_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    S: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """y = x·W0ᵀ + scaling·S·Bᵀ + b in x's dtype for 2-D x with M ≥ 1."""
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_B.shape[1]
+    y = x.new_empty((M, N))
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    wrap_triton(_forward_kernel)[grid](
+        x,
+        weight,
+        bias if bias is not None else x,
+        S,
+        lora_B,
+        y,
+        M,
+        N,
+        K,
+        R,
+        _launch.size_class(M),
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        S.stride(0),
+        S.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        y.stride(0),
+        y.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        scaling,
+        HAS_BIAS=bias is not None,
+        FP32_DOT=x.dtype == torch.float32,
+        ALLOW_TF32=_launch.allow_tf32(),
+        BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
+    )
+    return y

@@ -1,0 +1,142 @@
+"""Shrink: S = x̃·Aᵀ (M×r, fp32), the dropout mask applied while x tiles load.
+
+x̃ = D⊙x/(1−p) never reaches memory: each x tile is masked in registers and
+the 1/(1−p) factor is applied once to the accumulator. When M gives too few
+row tiles to fill the GPU, K is split across programs whose fp32 partial
+sums are added afterwards in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import _launch
+from ._dot import mixed_dot
+from ._dropout import DropoutArgs, keep_mask, quad_aligned
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,
+    a_ptr,
+    s_ptr,
+    seed_ptr,
+    M,
+    K,
+    R,
+    k_per_split,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_s_split,
+    stride_sm,
+    stride_sr,
+    threshold,
+    keep_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    QUAD_ALIGNED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+):
+    # Program (row tile, rank chunk, K split) -> S[offs_m, ranks] (or its partial sum).
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    k_start = pid_split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < k_end
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        if DROPOUT:
+            x = tl.where(keep_mask(seed, offs_m, k0, K, threshold, BLOCK_K, QUAD_ALIGNED), x, 0.0)
+        a_t = tl.load(
+            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+            mask=mask_k[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        acc = mixed_dot(x, a_t, acc, FP32_DOT, ALLOW_TF32)
+    if DROPOUT:
+        acc = acc * keep_scale
+    tl.store(
+        s_ptr
+        + pid_split * stride_s_split
+        + offs_m[:, None] * stride_sm
+        + offs_r[None, :] * stride_sr,
+        acc,
+        mask=mask_m[:, None] & mask_r[None, :],
+    )
+
+
+def _blocks(M: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K): the shrink is bound by reading x, so K chunks are long."""
+    if _launch.INTERPRETED:
+        return 32, 32
+    return (64 if M > 32 else 32), 128
+
+
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutArgs) -> torch.Tensor:
+    """S = x̃·Aᵀ in fp32 for 2-D x with M ≥ 1."""
+    M, K = x.shape
+    R = lora_A.shape[0]
+    block_m, block_k = _blocks(M)
+    block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
+    block_k, stages = _launch.fit_pipeline(
+        lambda bk: bk * (block_m * x.element_size() + block_r * lora_A.element_size()),
+        block_k,
+        x.device,
+    )
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
+    splits, k_per_split = _launch.reduction_split(tiles, K, block_k, x.device)
+    # One split writes S itself; several write partial sums added below.
+    out = x.new_empty((M, R) if splits == 1 else (splits, M, R), dtype=torch.float32)
+    stride_split = 0 if splits == 1 else out.stride(0)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r), splits)
+    wrap_triton(_shrink_kernel)[grid](
+        x,
+        lora_A,
+        out,
+        dropout.seed,
+        M,
+        K,
+        R,
+        k_per_split,
+        x.stride(0),
+        x.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        stride_split,
+        out.stride(-2),
+        out.stride(-1),
+        dropout.threshold,
+        dropout.keep_scale,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_R=block_r,
+        DROPOUT=dropout.enabled,
+        QUAD_ALIGNED=quad_aligned(K),
+        FP32_DOT=torch.float32 in (x.dtype, lora_A.dtype),
+        ALLOW_TF32=_launch.allow_tf32(),
+        num_warps=4,
+        num_stages=stages,
+    )
+    return out if splits == 1 else out.sum(0)

@@ -1,0 +1,139 @@
+"""Adapter files in peft's format: lora_kernels → PeftModel.from_pretrained and
+peft's save_pretrained → lora_kernels, on a tiny Llama with random weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lora_kernels import LoRALinear, inject_lora, load_adapter, save_adapter
+
+from tiny_llama import TARGETS, lora_parameters, tiny_llama, token_batch
+
+peft = pytest.importorskip("peft")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def randomise_adapters(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.normal_(0, 0.2)
+
+
+def logits(model: torch.nn.Module, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def test_lora_kernels_adapter_loads_in_peft(tmp_path):
+    base = tiny_llama()
+    model = inject_lora(copy.deepcopy(base), TARGETS, r=4, lora_alpha=16, lora_dropout=0.05)
+    randomise_adapters(model)
+    save_adapter(model, tmp_path, task_type="CAUSAL_LM")
+
+    # The same key names peft writes for the same adapter.
+    reference = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS)
+    )
+    reference.save_pretrained(tmp_path / "peft")
+    ours = safetensors_torch.load_file(tmp_path / "adapter_model.safetensors")
+    theirs = safetensors_torch.load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+    config = peft.LoraConfig.from_pretrained(str(tmp_path))
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 16, 0.05)
+    assert set(config.target_modules) == set(TARGETS)
+
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    batch = token_batch()
+    expected = logits(model, batch)
+    assert not torch.allclose(expected, logits(base, batch))
+    torch.testing.assert_close(logits(loaded, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_adapter_loads_here_with_rank_and_alpha_patterns(tmp_path):
+    base = tiny_llama()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        init_lora_weights=False,
+    )
+    reference = peft.get_peft_model(copy.deepcopy(base), config)
+    reference.save_pretrained(tmp_path)
+
+    model = load_adapter(copy.deepcopy(base), tmp_path)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert len(layers) == 6
+    assert layers["model.layers.1.self_attn.q_proj"].r == 2
+    assert layers["model.layers.0.mlp.down_proj"].scaling == pytest.approx(3 / 4**0.5)
+    assert layers["model.layers.0.self_attn.v_proj"].scaling == pytest.approx(8 / 4**0.5)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"
+    }
+    batch = token_batch()
+    torch.testing.assert_close(logits(model, batch), logits(reference, batch), rtol=1e-5, atol=1e-5)
+
+    # Saved again from lora_kernels, peft reads back the same adapter.
+    save_adapter(model, tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == {"model.layers.1.self_attn.q_proj": 2}
+    assert saved["alpha_pattern"] == {f"model.layers.{i}.mlp.down_proj": 3 for i in (0, 1)}
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "again"))
+    torch.testing.assert_close(
+        logits(reloaded, batch), logits(reference, batch), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_round_trip_into_an_injected_model(tmp_path):
+    base = tiny_llama()
+    trained = inject_lora(copy.deepcopy(base), TARGETS, r=3, lora_alpha=6)
+    randomise_adapters(trained)
+    save_adapter(trained, tmp_path)
+    fresh = inject_lora(copy.deepcopy(base), TARGETS, r=3, lora_alpha=6)
+    assert load_adapter(fresh, tmp_path) is fresh
+    for key, p in lora_parameters(fresh).items():
+        torch.testing.assert_close(p, lora_parameters(trained)[key], rtol=0, atol=0)
+
+
+def test_target_modules_saved_as_full_names_when_suffixes_would_overreach(tmp_path):
+    model = inject_lora(tiny_llama(), r"model\.layers\.0\.self_attn\.q_proj", r=2)
+    save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_mismatches_are_errors(tmp_path):
+    base = tiny_llama()
+    save_adapter(inject_lora(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8), tmp_path)
+
+    with pytest.raises(ValueError, match="differ"):
+        load_adapter(inject_lora(copy.deepcopy(base), ["q_proj"], r=4, lora_alpha=8), tmp_path)
+    with pytest.raises(ValueError, match="scaling"):
+        load_adapter(inject_lora(copy.deepcopy(base), TARGETS, r=4, lora_alpha=4), tmp_path)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_adapter(inject_lora(copy.deepcopy(base), TARGETS, r=2, lora_alpha=4), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
+        load_adapter(copy.deepcopy(base), tmp_path / "missing")
+    with pytest.raises(ValueError, match="no LoRALinear"):
+        save_adapter(base, tmp_path / "nothing")
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="use_dora"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_merged_layers_must_be_unmerged_before_saving(tmp_path):
+    model = inject_lora(tiny_llama(), TARGETS, r=2)
+    model.model.layers[0].self_attn.q_proj.merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        save_adapter(model, tmp_path)

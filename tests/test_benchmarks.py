@@ -1,0 +1,329 @@
+"""The benchmark suite's own logic: flop formula, saved-bytes counter,
+provider validation (it must catch wrong providers), the runner and its
+result files. Tiny shapes, no timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import plot, report
+from benchmarks.cases import (
+    BACKWARD,
+    FORWARD,
+    FORWARD_BACKWARD,
+    INFERENCE,
+    Grid,
+    Problem,
+    Setting,
+    make_tensors,
+)
+from benchmarks.flops import lora_flops
+from benchmarks.memory import saved_tensor_bytes
+from benchmarks.providers import Built, NaiveLoRALinear, Provider, select_providers
+from benchmarks.run import Runner, build_parser, grid_from_args, make_task
+from benchmarks.timing import CpuTimingBudget
+from benchmarks.validation import Reference, validate
+
+PROBLEM = Problem(96, 80, 128, 4, torch.float32, True, "cpu")
+# Large enough for the dropout statistics to tell a missing 1/(1−p) (a 10% bias
+# of the LoRA term at p = 0.1) from noise with a wide margin (σ ≈ 0.008).
+DROPOUT_PROBLEM = Problem(256, 128, 256, 8, torch.float32, True, "cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads, and OpenMP threads stall for
+    whole time slices when other processes keep the cores busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _always(setting):
+    return None
+
+
+def _naive_variant(forward):
+    """A provider built like torch-naive whose forward is replaced by ``forward(module, x)``."""
+
+    class Variant(NaiveLoRALinear):
+        def forward(self, x):
+            return forward(self, x)
+
+    def build(t, setting):
+        module = Variant(t, setting.dropout_p)
+        return Built(module, module.lora_A.weight, module.lora_B.weight)
+
+    return Provider("variant", "test variant", build, _always)
+
+
+def _validate(provider, setting, problem=PROBLEM):
+    t = make_tensors(problem)
+    return validate(provider, provider.build(t, setting), setting, t, Reference(t), {})
+
+
+# --------------------------------------------------------------------------
+# flops
+# --------------------------------------------------------------------------
+
+
+def test_flop_formula_by_hand():
+    M, K, N, r = 2, 3, 5, 1
+    assert lora_flops(FORWARD, M, K, N, r) == 60 + 12 + 20
+    assert lora_flops(INFERENCE, M, K, N, r) == 92
+    assert lora_flops(BACKWARD, M, K, N, r) == 60 + 40 + 24
+    assert lora_flops(FORWARD_BACKWARD, M, K, N, r) == 92 + 124
+    assert lora_flops(FORWARD, M, K, N, 0) == 2 * M * K * N
+
+
+@pytest.mark.parametrize("mode", [FORWARD, FORWARD_BACKWARD])
+def test_flop_formula_matches_torch_flop_counter(mode):
+    """torch's FlopCounterMode counts the matmuls the naive LoRA actually runs."""
+    problem = Problem(48, 40, 24, 3, torch.float32, False, "cpu")
+    t = make_tensors(problem)
+    module = NaiveLoRALinear(t, 0.0)
+    x = t.x.detach().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        y = module(x)
+        if mode == FORWARD_BACKWARD:
+            y.backward(t.grad_y)
+    assert counter.get_total_flops() == lora_flops(mode, 24, 48, 40, 3)
+
+
+# --------------------------------------------------------------------------
+# saved bytes
+# --------------------------------------------------------------------------
+
+
+def test_saved_bytes_by_hand():
+    M, K, N = 7, 5, 3
+    x = torch.randn(M, K, requires_grad=True)
+    w = torch.randn(N, K, requires_grad=True)
+
+    def forward():
+        # mm saves x and wᵀ (alive: not counted); sigmoid saves its output u;
+        # u * u saves u twice (same storage: counted once); exp saves its output.
+        u = torch.sigmoid(x @ w.t())
+        return (u * u).exp()
+
+    assert saved_tensor_bytes(forward, alive=[x, w]) == 2 * M * N * 4
+    # Without declaring x and w alive their storages count too.
+    assert saved_tensor_bytes(forward) == 2 * M * N * 4 + (M * K + N * K) * 4
+
+
+def test_saved_bytes_of_lora_kernels_is_S_and_seed():
+    problem = Problem(32, 24, 16, 4, torch.float32, False, "cpu")
+    t = make_tensors(problem)
+    (provider,) = select_providers(("lora_kernels:torch",), "cpu")
+    built = provider.build(t, Setting(True, 0.1))
+    built.module.train()
+    x = t.x.detach().requires_grad_(True)
+    saved = saved_tensor_bytes(lambda: built.module(x), alive=[x, *t.parameters()])
+    assert saved == 16 * 4 * 4 + 8  # S (M×r fp32) + the int64 seed
+
+
+# --------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("name", ["base", "torch-naive", "peft", "addmm", "lora_kernels:torch"])
+def test_correct_providers_pass(name, dropout):
+    if name == "peft":
+        pytest.importorskip("peft")
+    (provider,) = select_providers((name,), "cpu")
+    setting = Setting(True, dropout)
+    if provider.unsupported(setting):
+        pytest.skip(provider.unsupported(setting))
+    assert _validate(provider, setting) is None
+
+
+def test_merged_passes_in_inference():
+    (provider,) = select_providers(("merged",), "cpu")
+    assert _validate(provider, Setting(False, 0.0)) is None
+
+
+def test_wrong_scaling_is_caught():
+    wrong = _naive_variant(
+        lambda m, x: m.base_layer(x) + m.lora_B(m.lora_A(m.lora_dropout(x))) * (1.5 * m.scaling)
+    )
+    error = _validate(wrong, Setting(True, 0.0))
+    assert error is not None and "y error" in error and "grad_A" in error
+
+
+def test_wrong_gradient_is_caught():
+    def forward(m, x):
+        # Right forward value, but no gradient flows into lora_B.
+        return m.base_layer(x) + F.linear(m.lora_A(x), m.lora_B.weight.detach()) * m.scaling
+
+    error = _validate(_naive_variant(forward), Setting(True, 0.0))
+    assert error is not None and "grad_B" in error and "y error" not in error
+
+
+def test_wrong_provider_at_dropout_0_fails_at_every_dropout():
+    wrong = _naive_variant(lambda m, x: m.base_layer(x))
+    assert "at dropout 0" in _validate(wrong, Setting(True, 0.1))
+
+
+def test_missing_dropout_is_caught():
+    wrong = _naive_variant(lambda m, x: m.base_layer(x) + m.lora_B(m.lora_A(x)) * m.scaling)
+    assert _validate(wrong, Setting(True, 0.0)) is None  # right without dropout
+    assert "variance" in _validate(wrong, Setting(True, 0.1))
+
+
+def test_missing_rescale_is_caught():
+    def forward(m, x):
+        dropped = m.lora_dropout(x) * (1.0 - m.lora_dropout.p)  # undoes the 1/(1−p)
+        return m.base_layer(x) + m.lora_B(m.lora_A(dropped)) * m.scaling
+
+    assert "mean" in _validate(_naive_variant(forward), Setting(True, 0.1), DROPOUT_PROBLEM)
+
+
+def test_wrong_inference_output_is_caught():
+    wrong = _naive_variant(lambda m, x: m.base_layer(x) + 1e-3)
+    assert "y error" in _validate(wrong, Setting(False, 0.0))
+
+
+# --------------------------------------------------------------------------
+# runner, CLI, results
+# --------------------------------------------------------------------------
+
+TINY_BUDGET = CpuTimingBudget(warmup=1, seconds=0.0, min_repeats=2, max_repeats=2)
+
+
+def _tiny_run(providers=("base", "torch-naive", "addmm", "lora_kernels:torch"), extra=()):
+    grid = Grid(
+        shapes=((40, 24),),
+        tokens=(16,),
+        ranks=(3,),
+        dtypes=(torch.float32,),
+        dropouts=(0.0, 0.1),
+        modes=(FORWARD, BACKWARD, INFERENCE),
+        providers=providers,
+    )
+    runner = Runner(grid, torch.device("cpu"), cpu_budget=TINY_BUDGET)
+    runner.providers += list(extra)
+    return runner.run(progress=False)
+
+
+def test_runner_times_right_providers_and_reports_wrong_ones():
+    wrong = _naive_variant(lambda m, x: m.base_layer(x) * 2)
+    rows = _tiny_run(extra=[wrong])
+    by_key = {(r.provider, r.dropout, r.mode): r for r in rows}
+    # 2 training settings × 2 modes + inference, per provider
+    assert len(rows) == 5 * 5
+    for (provider, dropout, mode), row in by_key.items():
+        if provider == "variant":
+            assert row.status == report.WRONG and row.median_ms is None and "y error" in row.note
+        elif provider == "addmm" and dropout > 0:
+            assert row.status == report.SKIPPED and row.median_ms is None
+        else:
+            assert row.status == report.OK, row
+            assert row.median_ms > 0 and row.p20_ms <= row.median_ms <= row.p80_ms
+            assert row.tflops > 0
+            assert row.overhead_vs_base == pytest.approx(
+                row.median_ms / by_key["base", dropout, mode].median_ms
+            )
+            assert (row.saved_bytes is None) == (mode == INFERENCE)
+    assert by_key["torch-naive", 0.0, FORWARD].speedup_vs_naive == 1.0
+    assert by_key["lora_kernels:torch", 0.1, FORWARD].saved_bytes == 16 * 3 * 4 + 8
+
+
+def test_failing_provider_is_reported_as_error():
+    def build(t, setting):
+        raise RuntimeError("kernel exploded")
+
+    rows = _tiny_run(providers=("base",), extra=[Provider("broken", "", build, _always)])
+    broken = [r for r in rows if r.provider == "broken"]
+    assert broken and all(r.status == report.ERROR and "kernel exploded" in r.note for r in broken)
+
+
+def test_make_task_modes():
+    t = make_tensors(Problem(16, 8, 4, 2, torch.float32, False, "cpu"))
+    (provider,) = select_providers(("torch-naive",), "cpu")
+    built = provider.build(t, Setting(True, 0.0))
+    task = make_task(built, BACKWARD, t)
+    task.call(task.reset())
+    assert built.lora_A.grad is not None and task.grads[0].grad is not None
+    task.reset()
+    assert built.lora_A.grad is None
+    assert make_task(built, INFERENCE, t).call(None).requires_grad is False
+
+
+def test_cli_grid_defaults_and_overrides():
+    parser = build_parser()
+    preset, grid = grid_from_args(parser.parse_args([]), torch.device("cpu"))
+    assert preset == "quick"
+    assert grid_from_args(parser.parse_args([]), torch.device("cuda"))[0] == "full"
+    args = parser.parse_args(
+        [
+            "--shapes",
+            "64x32,32x64",
+            "--tokens",
+            "8",
+            "16",
+            "--ranks",
+            "2",
+            "--dtypes",
+            "bf16",
+            "--modes",
+            "inference",
+            "--dropout",
+            "0.2",
+            "--providers",
+            "base",
+            "lora_kernels",
+        ]
+    )
+    _, grid = grid_from_args(args, torch.device("cpu"))
+    assert grid.shapes == ((64, 32), (32, 64)) and grid.tokens == (8, 16)
+    assert grid.dtypes == (torch.bfloat16,) and grid.modes == (INFERENCE,)
+    assert grid.settings() == [Setting(False, 0.0)]
+    with pytest.raises(ValueError, match="--modes"):
+        grid_from_args(parser.parse_args(["--modes", "sideways"]), torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown provider"):
+        select_providers(("nope",), "cpu")
+
+
+def test_lora_kernels_group_is_the_fused_backends():
+    import lora_kernels
+
+    available = lora_kernels.available_backends("cpu")
+    names = [p.name for p in select_providers(("lora_kernels",), "cpu")]
+    expected = [b for b in available if b != "torch"] or ["torch"]
+    assert sorted(names) == sorted(f"lora_kernels:{b}" for b in expected)
+    (missing,) = select_providers(("lora_kernels:nonexistent",), "cpu")
+    assert "not available" in missing.unsupported(Setting(True, 0.0))
+
+
+def test_results_round_trip_and_plots(tmp_path):
+    rows = _tiny_run(providers=("base", "torch-naive", "lora_kernels:torch"))
+    meta = report.run_metadata(torch.device("cpu"), "test", ["--test"])
+    csv_path, jsonl_path = report.save(rows, meta, tmp_path)
+    report.save(rows, meta, tmp_path)  # appends
+    assert len(csv_path.read_text().splitlines()) == 1 + 2 * len(rows)
+    records = [json.loads(line) for line in jsonl_path.read_text().splitlines()]
+    assert len(records) == 2 and records[0]["meta"]["torch"] == torch.__version__
+    (loaded_meta, loaded_rows), _ = report.load_runs(jsonl_path)
+    assert loaded_rows == rows and loaded_meta["run_id"] == meta["run_id"]
+    assert "torch-naive" in report.format_table(rows)
+    assert report.format_markdown(rows).count("| base |") == 5
+    paths = plot.main(["--input", str(jsonl_path), "--output-dir", str(tmp_path)])
+    assert {p.name for p in paths} >= {"cpu_speedup_forward.png", "cpu_saved_memory.png"}
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_naive_module_is_peft_math():
+    t = make_tensors(Problem(16, 8, 4, 2, torch.float32, True, "cpu"))
+    module = NaiveLoRALinear(t, 0.0)
+    assert isinstance(module.lora_dropout, nn.Dropout)
+    expected = F.linear(t.x, t.weight, t.bias) + (t.x @ t.lora_A.t() @ t.lora_B.t()) * t.scaling
+    torch.testing.assert_close(module(t.x), expected)

@@ -1,0 +1,165 @@
+"""inject_lora and trainable_parameters on plain torch models: peft's
+target_modules matching, weight sharing, freezing, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lora_kernels import LoRALinear, inject_lora, trainable_parameters
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(self.q_proj(x) + self.v_proj(x)))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, d: int = 16, vocab: int = 11):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(d), Block(d)])
+        self.lm_head = nn.Linear(d, vocab)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+def lora_names(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def test_suffix_targets_replace_share_and_freeze():
+    model = TinyNet()
+    q_weight = model.layers[0].q_proj.weight
+    x = torch.randn(3, 16)
+    before = model(x)
+
+    out = inject_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+
+    assert out is model
+    assert lora_names(model) == {f"layers.{i}.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    layer = model.layers[0].q_proj
+    assert layer.base_layer.weight is q_weight  # shared, not copied
+    assert (layer.r, layer.scaling) == (4, 2.0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.lora_{ab}.weight" for m in lora_names(model) for ab in "AB"}
+    # B = 0 at init: the model computes what it computed before.
+    torch.testing.assert_close(model(x), before)
+
+
+def test_regex_and_all_linear_targets():
+    model = inject_lora(TinyNet(), r"layers\.1\..*_proj", r=2)
+    assert lora_names(model) == {"layers.1.q_proj", "layers.1.v_proj"}
+
+    model = inject_lora(TinyNet(), "all-linear", r=2)
+    expected = {f"layers.{i}.{p}" for i in (0, 1) for p in ("q_proj", "v_proj", "mlp.0", "mlp.2")}
+    assert lora_names(model) == expected  # lm_head, the output embedding, is left alone
+
+
+def test_full_name_target_and_options():
+    model = inject_lora(
+        TinyNet(),
+        ["layers.0.mlp.2"],
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.25,
+        use_rslora=True,
+        init_lora_weights="gaussian",
+        backend="torch",
+    )
+    layer = model.layers[0].mlp[2]
+    assert lora_names(model) == {"layers.0.mlp.2"}
+    assert layer.scaling == pytest.approx(8 / 4**0.5)
+    assert (layer.lora_dropout, layer.backend) == (0.25, "torch")
+    assert layer.lora_B.weight.abs().sum() == 0 and layer.lora_A.weight.abs().sum() > 0
+
+
+def test_training_updates_only_the_adapters():
+    model = inject_lora(TinyNet(), ["q_proj", "v_proj"], r=4, init_lora_weights=False)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(5, 16)).pow(2).mean().backward()
+    optimizer.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert p.grad is None and torch.equal(p, frozen[n]), n
+        else:
+            assert not torch.equal(p, adapters[n]), n
+
+
+def test_trainable_parameters_counts_like_peft():
+    model = TinyNet(d=16)
+    total_before = sum(p.numel() for p in model.parameters())
+    inject_lora(model, ["q_proj"], r=3)
+    trainable, total, percent = trainable_parameters(model)
+    assert trainable == 2 * 3 * (16 + 16)
+    assert total == total_before + trainable
+    assert percent == pytest.approx(100 * trainable / total)
+
+
+def test_tied_parameters_are_counted_once():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    assert trainable_parameters(model) == (40, 40, 100.0)
+
+
+def test_errors_name_the_targets():
+    with pytest.raises(ValueError, match="k_proj"):
+        inject_lora(TinyNet(), ["k_proj"])
+    with pytest.raises(ValueError, match="matched no module"):
+        inject_lora(TinyNet(), r"q_proj")  # a regex is full-matched: no module is named q_proj
+    with pytest.raises(TypeError, match="LayerNorm"):
+        inject_lora(TinyNet(), ["norm"])
+    with pytest.raises(ValueError, match="regular expression"):
+        inject_lora(TinyNet(), "layers.(")
+    with pytest.raises(ValueError, match="non-empty list"):
+        inject_lora(TinyNet(), [])
+    model = inject_lora(TinyNet(), ["q_proj"])
+    with pytest.raises(TypeError, match="already is a LoRALinear"):
+        inject_lora(model, r".*\.q_proj")
+
+
+def test_injecting_again_does_not_nest():
+    model = inject_lora(TinyNet(), ["q_proj"], r=2)
+    inject_lora(model, ["v_proj"], r=2)
+    assert lora_names(model) == {f"layers.{i}.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    # all-linear skips the inner base_layer/lora_A/lora_B of existing LoRALinear layers
+    inject_lora(model, "all-linear", r=2)
+    assert not any(".base_layer." in n or ".lora_A." in n for n in lora_names(model))
+
+
+def test_import_works_without_optional_dependencies():
+    code = (
+        "import sys\n"
+        "for name in ('peft', 'transformers', 'safetensors', 'accelerate'):\n"
+        "    sys.modules[name] = None\n"
+        "import lora_kernels, torch\n"
+        "m = lora_kernels.inject_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), ['0'], r=2)\n"
+        "print(lora_kernels.trainable_parameters(m)[0])\n"
+        "try:\n"
+        "    lora_kernels.patch_peft(m)\n"
+        "except ImportError as e:\n"
+        "    print('ImportError', 'lora_kernels[interop]' in str(e))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["16", "ImportError", "True"]
