@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on a CUDA machine without network access: build the extension in
 # place (CUDA kernels for sm_90), run the GPU tests and the cuda/triton backend
-# tests natively, then the benchmark if the suite is present.
+# tests natively, then the full benchmark preset as far as the time allows.
 #
 #   OUT=/path/to/results bash scripts/gpu_check.sh
 #
@@ -93,26 +93,15 @@ step "pytest -m gpu" 200 "$OUT/pytest_gpu.log" "${PYTEST[@]}" -m gpu || FAILED=1
 step "pytest cuda/triton backends" 150 "$OUT/pytest_backends.log" \
   "${PYTEST[@]}" -m "not gpu" -k "cuda or triton" || FAILED=1
 
-if [[ -f benchmarks/run.py ]]; then
-  bench_help=$("$PYTHON" -m benchmarks.run --help 2>&1 || true)
-  bench_args=(--preset full --device cuda)
-  if [[ $bench_help == *--results-dir* ]]; then bench_args+=(--results-dir "$OUT/bench"); fi
-  if [[ $bench_help == *--no-progress* ]]; then bench_args+=(--no-progress); fi
-  if [[ $bench_help == *--shapes* && $bench_help == *--tokens* ]]; then
-    # One run per (tokens, projection shape), the mid-size batch first: each
-    # finished run is saved even when the time runs out before the whole grid.
-    for tokens in 2048 8192 512; do
-      for shape in 4096x4096 4096x14336 14336x4096 4096x1024; do
-        step "benchmark M=$tokens $shape" 600 "$OUT/benchmark.log" "$PYTHON" -m benchmarks.run \
-          "${bench_args[@]}" --tokens "$tokens" --shapes "$shape" || true
-      done
-    done
-  else
-    step "benchmark" 600 "$OUT/benchmark.log" "$PYTHON" -m benchmarks.run "${bench_args[@]}" || true
-  fi
-else
-  echo "benchmark: skipped, benchmarks/run.py not found" >>"$SUMMARY"
-fi
+# One benchmark run per (tokens, projection shape), the mid-size batch first:
+# each finished run is saved even when the time runs out before the whole grid.
+bench_args=(--preset full --device cuda --results-dir "$OUT/bench" --no-progress)
+for tokens in 2048 8192 512; do
+  for shape in 4096x4096 4096x14336 14336x4096 4096x1024; do
+    step "benchmark M=$tokens $shape" 600 "$OUT/benchmark.log" "$PYTHON" -m benchmarks.run \
+      "${bench_args[@]}" --tokens "$tokens" --shapes "$shape" || true
+  done
+done
 
 echo "total: $(($(date +%s) - START_S)) s, failed=$FAILED" >>"$SUMMARY"
 cat "$SUMMARY"

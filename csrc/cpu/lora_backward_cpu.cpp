@@ -1,0 +1,214 @@
+// CPU kernel of lora_kernels::lora_backward. Given dy (M×N):
+//   dS = s·dy·B,  dB = s·dyᵀ·S,  dA = dSᵀ·x̃,  dx = dy·W0 + D⊙(dS·A)/(1−p),
+//   db = Σ_rows dy,  dW0 = dyᵀ·x,
+// computing only the gradients asked for.
+//
+// Plan: one pass over row blocks of dy yields dS and per-thread partials of dB
+// (dy is read once for both). A second blocked pass over x regenerates each
+// row's dropout multipliers once and uses them twice: for the rows of x̃ that
+// feed the per-thread partials of dA, and for the masked LoRA term
+// (dS·A)·D/(1−p), written straight into dx. The base GEMM then accumulates
+// onto it in place, dx += dy·W0 (beta = 1), so dx is written once before the
+// GEMM and never re-read after it. With no dropout in fp32/fp64 the LoRA terms
+// are plain GEMMs on the whole matrices.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/row_blocks.h"
+#include "lora_checks.h"
+
+namespace lora_kernels {
+namespace cpu {
+namespace {
+
+struct DsDb {
+  at::Tensor dS;  // (M, r) = s·dy·B, when asked
+  at::Tensor dB;  // (N, r) = s·dyᵀ·S, when asked
+};
+
+// dS and dB in one pass over row blocks of dy (any strides, x's dtype); fp16/bf16
+// rows are converted to fp32 in a thread-local tile first.
+template <typename scalar_t>
+DsDb ds_db_pass(const at::Tensor& grad_y, const at::Tensor& S, const at::Tensor& B_acc,
+                double scaling, bool need_dS, bool need_dB) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t M = grad_y.size(0), N = grad_y.size(1), r = S.size(1);
+  const at::Tensor B_scaled = B_acc * scaling;
+  DsDb out;
+  if (need_dS) out.dS = at::empty({M, r}, S.options());
+  PartialSum dB(need_dB ? std::vector<int64_t>{N, r} : std::vector<int64_t>{0}, S.options());
+
+  struct Local {
+    at::Tensor tile;  // (block, N) fp32 rows of dy, for fp16/bf16 dy
+    at::Tensor dB;    // this thread's partial dyᵀ·S
+  };
+  const RowBlocks blocks(M, N, sizeof(acc_t));
+  blocks.parallel(
+      [&] {
+        return Local{kConvert ? at::empty({blocks.block, N}, S.options()) : at::Tensor(),
+                     need_dB ? dB.new_partial() : at::Tensor()};
+      },
+      [&](int64_t b, Local& local) {
+        const int64_t first = blocks.first_row(b), rows = blocks.size(b);
+        at::Tensor dy_rows = grad_y.narrow(0, first, rows);
+        if constexpr (kConvert) {
+          dy_rows = tile_rows(local.tile, rows).copy_(dy_rows);
+        }
+        if (need_dS) {
+          at::Tensor dS_rows = out.dS.narrow(0, first, rows);
+          at::mm_out(dS_rows, dy_rows, B_scaled);
+        }
+        if (need_dB) local.dB.addmm_(dy_rows.t(), S.narrow(0, first, rows));
+      },
+      [&](Local& local) {
+        if (need_dB) dB.add(local.dB);
+      });
+  if (need_dB) out.dB = dB.total().mul_(scaling);
+  return out;
+}
+
+// The LoRA terms that involve x or the mask, by row blocks of x: each row's
+// dropout multipliers are generated once and used for both
+//   dA += dS_rowsᵀ·x̃_rows        (when need_dA; returned, (r, K) accumulate dtype)
+//   dx_rows = (dS_rows·A)·m       (when grad_x is given; written in x's dtype)
+template <typename scalar_t, bool kDropout>
+at::Tensor masked_lora_pass(const at::Tensor& x, const at::Tensor& dS, const at::Tensor& A_acc,
+                            const DropoutMask& mask, at::Tensor* grad_x, bool need_dA) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = x.size(0), K = x.size(1), r = dS.size(1);
+  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+  const int64_t row_stride = x.stride(0), col_stride = x.stride(1);
+  scalar_t* dx_data = grad_x != nullptr ? grad_x->data_ptr<scalar_t>() : nullptr;
+  PartialSum dA(need_dA ? std::vector<int64_t>{r, K} : std::vector<int64_t>{0}, dS.options());
+
+  struct Local {
+    at::Tensor x_tile;        // (block, K) rows of x̃, for dA
+    at::Tensor lora_tile;     // (block, K) rows of dS·A, for dx
+    at::Tensor dA;            // this thread's partial dSᵀ·x̃
+    std::vector<acc_t> keep;  // one row of dropout multipliers
+  };
+  const RowBlocks blocks(M, K, sizeof(acc_t));
+  blocks.parallel(
+      [&] {
+        const auto tile = [&] { return at::empty({blocks.block, K}, dS.options()); };
+        return Local{need_dA ? tile() : at::Tensor(), dx_data != nullptr ? tile() : at::Tensor(),
+                     need_dA ? dA.new_partial() : at::Tensor(),
+                     std::vector<acc_t>(kDropout ? K : 0)};
+      },
+      [&](int64_t b, Local& local) {
+        const int64_t first = blocks.first_row(b), rows = blocks.size(b);
+        const at::Tensor dS_rows = dS.narrow(0, first, rows);
+        acc_t* x_tile = need_dA ? local.x_tile.template data_ptr<acc_t>() : nullptr;
+        acc_t* lora_tile = nullptr;
+        if (dx_data != nullptr) {
+          at::Tensor lora_rows = tile_rows(local.lora_tile, rows);
+          at::mm_out(lora_rows, dS_rows, A_acc);
+          lora_tile = lora_rows.data_ptr<acc_t>();
+        }
+        const acc_t* keep = local.keep.data();
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t row = first + i;
+          if constexpr (kDropout) mask.row_multipliers(row, local.keep.data());
+          if (x_tile != nullptr) {
+            load_row<kDropout>(x_data + row * row_stride, col_stride, K, keep, x_tile + i * K);
+          }
+          if (lora_tile != nullptr) {
+            store_row<kDropout>(lora_tile + i * K, keep, K, dx_data + row * K);
+          }
+        }
+        if (need_dA) local.dA.addmm_(dS_rows.t(), tile_rows(local.x_tile, rows));
+      },
+      [&](Local& local) {
+        if (need_dA) dA.add(local.dA);
+      });
+  return need_dA ? dA.total() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const at::Tensor& lora_A_in, const at::Tensor& lora_B_in, const at::Tensor& S_in,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    std::array<bool, 5> output_mask) {
+  check_backward_args(grad_y_in, x_in, weight_in, lora_A_in, lora_B_in, S_in, scaling, dropout_p,
+                      seed);
+  // Internal ATen calls must run in the dtypes chosen here, never autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  // Detached aliases: the blocked passes call ATen from OpenMP worker threads,
+  // which do not inherit the caller's below-autograd dispatch state.
+  const at::Tensor grad_y = grad_y_in.detach();
+  const at::Tensor x = x_in.detach();
+  const at::Tensor weight = weight_in.detach();
+  const at::Tensor lora_A = lora_A_in.detach();
+  const at::Tensor lora_B = lora_B_in.detach();
+  const at::Tensor S = S_in.detach();
+
+  const GradMask need(output_mask);
+  const at::ScalarType acc = accumulate_dtype(x.scalar_type());
+  const bool low_precision = x.scalar_type() != acc;
+  const bool dropout = dropout_p > 0.0;
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+
+  // Gradients not asked for: distinct empty tensors (outputs must not alias).
+  const auto not_computed = [&] { return at::empty({0}, x.options()); };
+  at::Tensor grad_x = not_computed(), grad_weight = not_computed(), grad_bias = not_computed();
+  at::Tensor grad_A = not_computed(), grad_B = not_computed();
+
+  const bool need_dS = need.x || need.lora_A;
+  DsDb ds_db;
+  if (need_dS || need.lora_B) {
+    const at::Tensor B_acc = lora_B.to(acc);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_backward_cpu",
+                                    [&] {
+                                      ds_db = ds_db_pass<scalar_t>(grad_y, S, B_acc, scaling,
+                                                                   need_dS, need.lora_B);
+                                    });
+    if (need.lora_B) grad_B = ds_db.dB.to(lora_B.scalar_type());
+  }
+
+  if (need_dS) {
+    if (need.x) grad_x = at::empty({M, K}, x.options());
+    const at::Tensor A_acc = lora_A.to(acc);
+    at::Tensor dA;
+    if (!dropout && !low_precision) {
+      if (need.x) at::mm_out(grad_x, ds_db.dS, A_acc);
+      if (need.lora_A) dA = at::mm(ds_db.dS.t(), x);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, x.scalar_type(), "lora_backward_cpu", [&] {
+            const DropoutMask mask(seed, dropout_p, K);
+            at::Tensor* dx = need.x ? &grad_x : nullptr;
+            dA = dropout ? masked_lora_pass<scalar_t, true>(x, ds_db.dS, A_acc, mask, dx,
+                                                            need.lora_A)
+                         : masked_lora_pass<scalar_t, false>(x, ds_db.dS, A_acc, mask, dx,
+                                                             need.lora_A);
+          });
+    }
+    if (need.lora_A) grad_A = dA.to(lora_A.scalar_type());
+    if (need.x) grad_x.addmm_(grad_y, weight);
+  }
+
+  if (need.weight) {
+    grad_weight = at::empty({N, K}, weight.options());
+    at::mm_out(grad_weight, grad_y.t(), x);
+  }
+  if (need.bias) grad_bias = grad_y.sum(0);
+  return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace lora_kernels
+
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("lora_backward", &lora_kernels::cpu::lora_backward_cpu);
+}
