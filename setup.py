@@ -7,7 +7,7 @@ What gets built:
 
 Environment knobs:
   LORA_KERNELS_BUILD_CUDA=0|1   force the CUDA part off or on (default: auto-detect)
-  TORCH_CUDA_ARCH_LIST          target archs, default "8.0;9.0" (sm80 + sm90)
+  TORCH_CUDA_ARCH_LIST          target archs, default "8.0;9.0+PTX" (sm80 + sm90, PTX for newer GPUs)
   MAX_JOBS                      parallel compile jobs, default sized to cores and memory
 """
 
@@ -22,7 +22,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 # nvcc on a template-heavy translation unit peaks at a few GB; size jobs so the
 # build never swaps on a small machine.
 GB_PER_COMPILE_JOB = 4

@@ -61,6 +61,9 @@ def _setup_context(ctx, inputs, output):
     # Saved: x (alive anyway), the parameters, S (M×r) and the seed --
     # never x̃ or a mask.
     ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+    # S is an intermediate for backward, not a differentiable result: a
+    # caller of the raw op gets an error, not a silently dropped gradient.
+    ctx.mark_non_differentiable(S)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
 

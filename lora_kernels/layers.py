@@ -4,6 +4,7 @@ parameter layout so that state dicts interchange with peft."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -49,8 +50,13 @@ class LoRALinear(nn.Module):
         _base_layer: nn.Linear | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
             raise ValueError(f"r must be an integer >= 1, got {r!r}")
+        r = int(r)
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real):
+            raise TypeError(
+                f"lora_dropout must be a real number, got {type(lora_dropout).__name__}"
+            )
         if not (0.0 <= lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if not (isinstance(init_lora_weights, bool) or init_lora_weights == "gaussian"):

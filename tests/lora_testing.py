@@ -19,6 +19,15 @@ FLOOR = {
     torch.bfloat16: 1.6e-2,
 }
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# The `torch` backend itself, in dtype T, must be within this (relative to the
+# output's magnitude) of float64: it is the yardstick of every other backend,
+# so a precision bug in it must fail rather than loosen the rule for all.
+BASELINE_TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 8e-3,
+    torch.bfloat16: 6e-2,
+}
 
 
 def device_backends() -> list[tuple[str, str]]:
@@ -145,8 +154,13 @@ def assert_matches_oracle(
         assert got.shape == ref.shape, f"{context}: {name} shape {got.shape} != {ref.shape}"
         assert torch.isfinite(got).all(), f"{context}: {name} has non-finite values"
         scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+        baseline_err = max_error(baseline[name], ref)
+        assert baseline_err <= BASELINE_TOLERANCE[dtype] * scale, (
+            f"{context}: the torch backend's {name} in {dtype} is off by {baseline_err:.3e} "
+            f"from float64 (tolerance {BASELINE_TOLERANCE[dtype] * scale:.3e})"
+        )
         err = max_error(got, ref)
-        allowed = 2.0 * max_error(baseline[name], ref) + FLOOR[dtype] * scale
+        allowed = 2.0 * baseline_err + FLOOR[dtype] * scale
         assert err <= allowed, (
             f"{context}: {name} error {err:.3e} vs float64 oracle exceeds {allowed:.3e} "
             f"(2x torch backend in {dtype} + floor)"

@@ -46,23 +46,29 @@ def test_mask_layout_and_rate():
     assert dropout_keep_mask(seed, 3, 5, 0.0).all()
 
 
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference tests above run without triton
+    triton = None
 
 
-@triton.jit
-def _randint4x_kernel(seed_ptr, out_ptr, n_blocks, base_hi, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    seed = tl.load(seed_ptr)
-    counter = offs.to(tl.int64) + (base_hi.to(tl.int64) << 32)
-    c0, c1, c2, c3 = tl.randint4x(seed, counter)
-    mask = offs < n_blocks
-    tl.store(out_ptr + offs * 4 + 0, c0, mask=mask)
-    tl.store(out_ptr + offs * 4 + 1, c1, mask=mask)
-    tl.store(out_ptr + offs * 4 + 2, c2, mask=mask)
-    tl.store(out_ptr + offs * 4 + 3, c3, mask=mask)
+if triton is not None:
+
+    @triton.jit
+    def _randint4x_kernel(seed_ptr, out_ptr, n_blocks, base_hi, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        seed = tl.load(seed_ptr)
+        counter = offs.to(tl.int64) + (base_hi.to(tl.int64) << 32)
+        c0, c1, c2, c3 = tl.randint4x(seed, counter)
+        mask = offs < n_blocks
+        tl.store(out_ptr + offs * 4 + 0, c0, mask=mask)
+        tl.store(out_ptr + offs * 4 + 1, c1, mask=mask)
+        tl.store(out_ptr + offs * 4 + 2, c2, mask=mask)
+        tl.store(out_ptr + offs * 4 + 3, c3, mask=mask)
 
 
+@pytest.mark.skipif(triton is None, reason="triton is not installed")
 @pytest.mark.triton
 @pytest.mark.parametrize("seed", [0, 123456789012345, 2**63 - 2])
 @pytest.mark.parametrize("base_hi", [0, 5], ids=["counter<2^32", "counter>=2^32"])

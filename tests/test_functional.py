@@ -137,25 +137,29 @@ def test_autocast_like_nn_linear(device, backend):
 # ---------------------------------------------------------------------------
 
 
-def _mask_through_op(device, backend, seed, M, K, p):
+def _mask_through_op(device, backend, seed, M, K, p, dtype=torch.float32):
     """Recover the keep-mask from the fused forward: x = 1, A = I (r = K) → S = D/(1−p)."""
     impl = lora_kernels._ops.get_backend(backend)
-    x = torch.ones(M, K, device=device)
-    A = torch.eye(K, device=device)
-    B = torch.randn(3, K, device=device)
-    W = torch.randn(3, K, device=device)
+    kw = {"device": device, "dtype": dtype}
+    x = torch.ones(M, K, **kw)
+    A = torch.eye(K, **kw)
+    B = torch.randn(3, K, **kw)
+    W = torch.randn(3, K, **kw)
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
     _, S = impl.forward(x, W, None, A, B, 1.0, p, seed_t)
     return S != 0, S
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
 @pytest.mark.parametrize(("device", "backend"), backend_params())
-def test_dropout_mask_bit_exact_with_reference(device, backend):
+def test_dropout_mask_bit_exact_with_reference(device, backend, dtype):
     from lora_kernels.dropout import dropout_keep_mask
 
+    if dtype not in lora_kernels._ops.get_backend(backend).dtypes:
+        pytest.skip(f"{backend} does not take {dtype}")
     M, K, p = 37, 45, 0.3
     for seed in (0, 123456789012345, 2**62 + 12345):
-        got, S = _mask_through_op(device, backend, seed, M, K, p)
+        got, S = _mask_through_op(device, backend, seed, M, K, p, dtype)
         expected = dropout_keep_mask(torch.tensor([seed], device=device), M, K, p)
         assert torch.equal(got, expected), f"seed {seed}: masks differ"
         kept = S[got]
@@ -196,3 +200,89 @@ def test_dropout_zero_ignores_generator(device, backend):
     after = torch.rand(1, device=device)
     torch.manual_seed(3)
     assert torch.equal(after, torch.rand(1, device=device))
+
+
+# ---------------------------------------------------------------------------
+# Many row blocks and threads (the CPU kernels tile rows; Triton has its own
+# tail and split tests), inference mode, determinism
+# ---------------------------------------------------------------------------
+
+_FUSED_HOST_BACKENDS = [p for p in backend_params() if p.values[1] not in ("torch", "triton")]
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("device", "backend"), _FUSED_HOST_BACKENDS)
+def test_many_row_blocks(device, backend, dtype, two_threads):
+    # M·K large enough for several row blocks per thread, M not a block multiple.
+    problem = make_problem(1037, 640, 96, 8, device=device)
+    check_backend(device, backend, problem, dtype, dropout_p=0.1)
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_non_contiguous_grad_y(device, backend):
+    problem = make_problem(6, 24, 20, 4, device=device)
+    problem.grad_y = torch.randn(20, 6, dtype=torch.float64, device=device).t()
+    check_backend(device, backend, problem, torch.float32, dropout_p=0.2)
+    problem.grad_y = torch.randn(1, 20, dtype=torch.float64, device=device).expand(6, 20)
+    check_backend(device, backend, problem, torch.float32, dropout_p=0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_inference_mode(device, backend, dtype, two_threads):
+    layer = lora_kernels.LoRALinear(128, 48, r=4, backend=backend, device=device, dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    layer.eval()
+    x = torch.randn(3, 700, 128, device=device, dtype=dtype)
+    with torch.no_grad():
+        expected = layer(x)
+    with torch.inference_mode():
+        got = layer(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("device", "backend"), _FUSED_HOST_BACKENDS)
+def test_gradients_reproducible_with_many_threads(device, backend):
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        p = make_problem(1500, 256, 64, 8, device=device).cast(torch.float32)
+        runs = [run_lora(p, backend, dropout_p=0.1) for _ in range(3)]
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for name, value in run.items():
+            assert torch.equal(value, runs[0][name]), f"{name} differs between runs"
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_autocast_backward(device, backend):
+    problem = make_problem(6, 32, 24, 4, device=device)
+    fp32 = problem.cast(torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (fp32.x, fp32.lora_A, fp32.lora_B)]
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = lora_kernels.lora_linear(
+            leaves[0],
+            fp32.weight,
+            leaves[1],
+            leaves[2],
+            fp32.scaling,
+            bias=fp32.bias,
+            backend=backend,
+        )
+    y.backward(problem.grad_y.to(y.dtype))
+    # Gradients come back in each leaf's own dtype, as with nn.Linear.
+    assert [t.grad.dtype for t in leaves] == [torch.float32] * 3
+    expected = run_lora(problem.cast(torch.bfloat16, torch.float32), backend)
+    torch.testing.assert_close(leaves[0].grad, expected["dx"].float(), rtol=0, atol=0)
+    torch.testing.assert_close(leaves[1].grad, expected["dlora_A"], rtol=0, atol=0)
+    torch.testing.assert_close(leaves[2].grad, expected["dlora_B"], rtol=0, atol=0)

@@ -41,6 +41,10 @@ BAD_INPUTS = [
     ({"bias": 3.0}, TypeError, "bias must be a torch.Tensor or None"),
     ({"x": torch.ones(4, 8, dtype=torch.int64)}, TypeError, "x must be a floating-point"),
     ({"lora_A": torch.ones(2, 8, dtype=torch.int32)}, TypeError, "lora_A must be a floating-point"),
+    ({"weight": torch.ones(6, 8, dtype=torch.int64)}, TypeError, "weight must be a floating-point"),
+    ({"lora_B": torch.ones(6, 2, dtype=torch.bool)}, TypeError, "lora_B must be a floating-point"),
+    ({"bias": torch.ones(6, dtype=torch.int8)}, TypeError, "bias must be a floating-point"),
+    ({"lora_A": torch.randn(2, 8, dtype=torch.complex64)}, TypeError, "lora_A must be a floating"),
     ({"x": torch.tensor(1.0)}, ValueError, "x must have at least one dimension"),
     ({"x": torch.randn(4, 7)}, ValueError, "weight must have shape (out_features, in_features)"),
     ({"weight": torch.randn(6, 8, 1)}, ValueError, "weight must have shape"),
@@ -67,6 +71,9 @@ BAD_INPUTS = [
         "lora_A must be bfloat16 or float32",
     ),
     ({"weight": torch.randn(6, 8, device="meta")}, ValueError, "weight is on meta but x is on cpu"),
+    ({"bias": torch.randn(6, device="meta")}, ValueError, "bias is on meta but x is on cpu"),
+    ({"lora_A": torch.randn(2, 8, device="meta")}, ValueError, "lora_A is on meta but x is on cpu"),
+    ({"lora_B": torch.randn(6, 2, device="meta")}, ValueError, "lora_B is on meta but x is on cpu"),
     ({"dropout_p": 1.0}, ValueError, "dropout_p must be in [0, 1)"),
     ({"dropout_p": -0.1}, ValueError, "dropout_p must be in [0, 1)"),
     ({"dropout_p": "0.1"}, TypeError, "dropout_p must be a real number"),
@@ -127,58 +134,80 @@ def test_from_linear_rejects_non_linear():
         LoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1))
 
 
+def _cpp_forward(**overrides):
+    a = {**_args(), "bias": None, "scaling": 1.0, "dropout_p": 0.0, "seed": None, **overrides}
+    return torch.ops.lora_kernels.lora_forward(
+        a["x"],
+        a["weight"],
+        a["bias"],
+        a["lora_A"],
+        a["lora_B"],
+        a["scaling"],
+        a["dropout_p"],
+        a["seed"],
+    )
+
+
+def _cpp_backward(**overrides):
+    a = _args()
+    a = {
+        **a,
+        "grad_y": torch.randn(4, 6),
+        "S": torch.zeros(4, 2),
+        "dropout_p": 0.0,
+        "seed": None,
+        **overrides,
+    }
+    return torch.ops.lora_kernels.lora_backward(
+        a["grad_y"],
+        a["x"],
+        a["weight"],
+        a["lora_A"],
+        a["lora_B"],
+        a["S"],
+        1.0,
+        a["dropout_p"],
+        a["seed"],
+        [True] * 5,
+    )
+
+
+SEED = torch.tensor([1])
+CPP_BAD_INPUTS = {
+    "x-rank": (_cpp_forward, {"x": torch.randn(8)}, "x must be 2-D"),
+    "weight-shape": (_cpp_forward, {"weight": torch.randn(8, 6)}, "weight must be (N, K)"),
+    "bias-shape": (_cpp_forward, {"bias": torch.randn(5)}, "bias must be (N,)"),
+    "seed-missing": (_cpp_forward, {"dropout_p": 0.5}, "seed is required when dropout_p > 0"),
+    "seed-dtype": (
+        _cpp_forward,
+        {"dropout_p": 0.5, "seed": torch.tensor([1.0])},
+        "seed must be an int64 tensor with one element",
+    ),
+    "seed-numel": (
+        _cpp_forward,
+        {"dropout_p": 0.5, "seed": torch.tensor([1, 2])},
+        "seed must be an int64 tensor with one element",
+    ),
+    "dropout-range": (_cpp_forward, {"dropout_p": 1.5}, "dropout_p must be in [0, 1)"),
+    "adapter-dtype": (
+        _cpp_forward,
+        {"lora_B": torch.randn(6, 2, dtype=torch.float64)},
+        "lora_B must be",
+    ),
+    "grad-shape": (_cpp_backward, {"grad_y": torch.randn(4, 5)}, "grad_y must be (M, N)"),
+    "S-dtype": (_cpp_backward, {"S": torch.zeros(4, 2, dtype=torch.float64)}, "S must be Float"),
+    "S-shape": (_cpp_backward, {"S": torch.zeros(4, 3)}, "S must be (M, r)"),
+    "backward-seed": (
+        _cpp_backward,
+        {"dropout_p": 0.1, "seed": SEED.float()},
+        "seed must be an int64",
+    ),
+}
+
+
 @pytest.mark.skipif(not has_kernel("lora_forward", "CPU"), reason="C++ CPU kernels not built")
-@pytest.mark.parametrize(
-    ("call", "message"),
-    [
-        (
-            lambda a: torch.ops.lora_kernels.lora_forward(
-                a["x"][0], a["weight"], None, a["lora_A"], a["lora_B"], 1.0, 0.0, None
-            ),
-            "x must be 2-D",
-        ),
-        (
-            lambda a: torch.ops.lora_kernels.lora_forward(
-                a["x"], a["weight"].t(), None, a["lora_A"], a["lora_B"], 1.0, 0.0, None
-            ),
-            "weight must be (N, K)",
-        ),
-        (
-            lambda a: torch.ops.lora_kernels.lora_forward(
-                a["x"], a["weight"], None, a["lora_A"], a["lora_B"], 1.0, 0.5, None
-            ),
-            "seed is required when dropout_p > 0",
-        ),
-        (
-            lambda a: torch.ops.lora_kernels.lora_forward(
-                a["x"], a["weight"], None, a["lora_A"], a["lora_B"], 1.0, 1.5, None
-            ),
-            "dropout_p must be in [0, 1)",
-        ),
-        (
-            lambda a: torch.ops.lora_kernels.lora_forward(
-                a["x"], a["weight"], None, a["lora_A"], a["lora_B"].double(), 1.0, 0.0, None
-            ),
-            "lora_B must be",
-        ),
-        (
-            lambda a: torch.ops.lora_kernels.lora_backward(
-                a["x"],
-                a["x"],
-                a["weight"],
-                a["lora_A"],
-                a["lora_B"],
-                torch.zeros(4, 2),
-                1.0,
-                0.0,
-                None,
-                [True] * 5,
-            ),
-            "grad_y must be (M, N)",
-        ),
-    ],
-    ids=["x-rank", "weight-shape", "seed-missing", "dropout-range", "adapter-dtype", "grad-shape"],
-)
-def test_cpp_entry_points_check_arguments(call, message):
+@pytest.mark.parametrize("case", list(CPP_BAD_INPUTS))
+def test_cpp_entry_points_check_arguments(case):
+    call, overrides, message = CPP_BAD_INPUTS[case]
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        call(_args())
+        call(**overrides)

@@ -70,8 +70,8 @@ DsDb ds_db_pass(const at::Tensor& grad_y, const at::Tensor& S, const at::Tensor&
         }
         if (need_dB) local.dB.addmm_(dy_rows.t(), S.narrow(0, first, rows));
       },
-      [&](Local& local) {
-        if (need_dB) dB.add(local.dB);
+      [&](Local& local, int64_t first_block) {
+        if (need_dB) dB.add(first_block, std::move(local.dB));
       });
   if (need_dB) out.dB = dB.total().mul_(scaling);
   return out;
@@ -128,8 +128,8 @@ at::Tensor masked_lora_pass(const at::Tensor& x, const at::Tensor& dS, const at:
         }
         if (need_dA) local.dA.addmm_(dS_rows.t(), tile_rows(local.x_tile, rows));
       },
-      [&](Local& local) {
-        if (need_dA) dA.add(local.dA);
+      [&](Local& local, int64_t first_block) {
+        if (need_dA) dA.add(first_block, std::move(local.dA));
       });
   return need_dA ? dA.total() : at::Tensor();
 }

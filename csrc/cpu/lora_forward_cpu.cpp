@@ -57,7 +57,7 @@ void shrink_blocked(const at::Tensor& x, const at::Tensor& A_acc, const DropoutM
         at::Tensor S_rows = S.narrow(0, first, rows);
         at::mm_out(S_rows, tile_rows(local.tile, rows), A_t);
       },
-      [](Local&) {});
+      [](Local&, int64_t) {});
 }
 
 // y = s·S·Bᵀ + b, the LoRA term and bias that the base GEMM then accumulates

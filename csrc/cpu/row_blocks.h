@@ -9,9 +9,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -45,13 +47,19 @@ struct RowBlocks {
 
   // Runs body(b, local) for every block, the blocks split over the OpenMP
   // threads: each thread makes its `local` state (tiles, partial sums) with
-  // setup(), runs its blocks, then finish(local).
+  // setup(), runs its contiguous range of blocks starting at `first_block`,
+  // then finish(local, first_block).
   template <typename Setup, typename Body, typename Finish>
   void parallel(const Setup& setup, const Body& body, const Finish& finish) const {
+    // OpenMP workers do not inherit the caller's thread-local state (inference
+    // mode, grad mode, dispatch-key exclusions): carry it over, so ATen calls
+    // on tensors made by the caller behave as they would in its thread.
+    const at::ThreadLocalState caller_state;
     at::parallel_for(0, count(), 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard state_guard(caller_state);
       auto local = setup();
       for (int64_t b = begin; b < end; ++b) body(b, local);
-      finish(local);
+      finish(local, begin);
     });
   }
 };
@@ -102,21 +110,32 @@ inline void store_row(const acc_t* v, const acc_t* m, int64_t n, scalar_t* y) {
 }
 
 // A small gradient (dA, dB) summed over row blocks: each thread accumulates its
-// blocks into a private partial and adds it to the total once, at its end.
+// range of blocks into a private partial; the partials are then added in block
+// order, so a run gives the same bits every time for a given thread count.
 class PartialSum {
  public:
   PartialSum(const std::vector<int64_t>& shape, const at::TensorOptions& options)
-      : total_(at::zeros(shape, options)) {}
+      : shape_(shape), options_(options) {}
 
-  at::Tensor new_partial() const { return at::zeros_like(total_); }
-  void add(const at::Tensor& partial) {
+  at::Tensor new_partial() const { return at::zeros(shape_, options_); }
+  // Keeps the partial of the block range that starts at `first_block`.
+  void add(int64_t first_block, at::Tensor partial) {
     std::lock_guard<std::mutex> lock(mutex_);
-    total_.add_(partial);
+    partials_.emplace(first_block, std::move(partial));
   }
-  const at::Tensor& total() const { return total_; }
+  // Sum of the partials in block order (zeros when there were no blocks).
+  at::Tensor total() {
+    if (partials_.empty()) return new_partial();
+    auto it = partials_.begin();
+    at::Tensor sum = it->second;
+    for (++it; it != partials_.end(); ++it) sum.add_(it->second);
+    return sum;
+  }
 
  private:
-  at::Tensor total_;
+  std::vector<int64_t> shape_;
+  at::TensorOptions options_;
+  std::map<int64_t, at::Tensor> partials_;
   std::mutex mutex_;
 };
 

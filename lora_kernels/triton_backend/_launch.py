@@ -70,9 +70,19 @@ def reduction_split(
 
 
 def allow_tf32() -> bool:
-    """Whether fp32 dots may use TF32, following torch's own matmul setting
-    (``torch.backends.cuda.matmul.allow_tf32``, off by default)."""
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+    """Whether fp32 dots may use TF32, following torch's own matmul setting (off by default).
+
+    Torch >= 2.9 has ``fp32_precision`` ("tf32", "ieee", or "none" = defer to the
+    global setting); reading the legacy ``allow_tf32`` after a user set the new
+    API raises, so the new one is read whenever it exists.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 # Used when torch cannot report the opt-in limit: the smallest of current GPUs

@@ -12,6 +12,7 @@ the base layer trains, use torch's own GEMM and reduction.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,12 @@ from .forward_gemm import forward_gemm
 from .shrink import shrink
 
 
+def launch_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device and stream: make that x's
+    device, as the C++ ops do with a CUDAGuard."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 @triton_op("lora_kernels::triton_lora_forward", mutates_args=())
 def triton_lora_forward(
     x: torch.Tensor,
@@ -39,12 +46,13 @@ def triton_lora_forward(
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
-    if M == 0:
-        return x.new_empty((0, N)), x.new_empty((0, r), dtype=torch.float32)
-    S = shrink(x, lora_A, DropoutArgs.of(dropout_p, seed, x))
-    y = forward_gemm(x, weight, bias, S, lora_B, scaling)
-    return y, S
+    with launch_device(x):
+        M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+        if M == 0:
+            return x.new_empty((0, N)), x.new_empty((0, r), dtype=torch.float32)
+        S = shrink(x, lora_A, DropoutArgs.of(dropout_p, seed, x))
+        y = forward_gemm(x, weight, bias, S, lora_B, scaling)
+        return y, S
 
 
 @triton_op("lora_kernels::triton_lora_backward", mutates_args=())
@@ -61,46 +69,47 @@ def triton_lora_backward(
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_backward_args(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask)
-    need_x, need_w, need_b, need_a, need_bb = (bool(m) for m in output_mask)
-    M = x.shape[0]
-    # Distinct empties: outputs of an op must not alias each other.
-    grad_x, grad_w, grad_b, grad_A, grad_B = (x.new_empty(0) for _ in range(5))
-    if M == 0:
-        # Sums over no rows: zeros.
-        if need_x:
-            grad_x = x.new_empty(x.shape)
-        if need_w:
-            grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-        if need_b:
-            grad_b = x.new_zeros(weight.shape[0])
-        if need_a:
-            grad_A = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
-        if need_bb:
-            grad_B = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
-        return grad_x, grad_w, grad_b, grad_A, grad_B
+    with launch_device(x):
+        need_x, need_w, need_b, need_a, need_bb = (bool(m) for m in output_mask)
+        M = x.shape[0]
+        # Distinct empties: outputs of an op must not alias each other.
+        grad_x, grad_w, grad_b, grad_A, grad_B = (x.new_empty(0) for _ in range(5))
+        if M == 0:
+            # Sums over no rows: zeros.
+            if need_x:
+                grad_x = x.new_empty(x.shape)
+            if need_w:
+                grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+            if need_b:
+                grad_b = x.new_zeros(weight.shape[0])
+            if need_a:
+                grad_A = torch.zeros_like(lora_A, memory_format=torch.contiguous_format)
+            if need_bb:
+                grad_B = torch.zeros_like(lora_B, memory_format=torch.contiguous_format)
+            return grad_x, grad_w, grad_b, grad_A, grad_B
 
-    dropout = DropoutArgs.of(dropout_p, seed, x)
-    # Atomics make dB's summation order vary; deterministic mode reads dy again instead.
-    grad_b_in_dy_pass = need_bb and not torch.are_deterministic_algorithms_enabled()
-    if need_x or need_a:
-        dS, dB = dy_pass(grad_y, lora_B, S, scaling, with_grad_b=grad_b_in_dy_pass)
-        if need_a:
-            grad_A = grad_a_pass(dS, x, dropout).to(lora_A.dtype)
-        if need_x:
-            grad_x = grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout)
-    else:
-        dB = None
-    if need_bb:
-        if dB is None:
-            dB = grad_b_pass(grad_y, S, scaling)
-        grad_B = dB.to(lora_B.dtype)
-    if need_w:
-        # In x's dtype, as nn.Linear's weight gradient, whatever autocast says.
-        with torch.autocast(x.device.type, enabled=False):
-            grad_w = grad_y.t().mm(x)
-    if need_b:
-        grad_b = grad_y.sum(0)
-    return grad_x, grad_w, grad_b, grad_A, grad_B
+        dropout = DropoutArgs.of(dropout_p, seed, x)
+        # Atomics make dB's summation order vary; deterministic mode reads dy again instead.
+        grad_b_in_dy_pass = need_bb and not torch.are_deterministic_algorithms_enabled()
+        if need_x or need_a:
+            dS, dB = dy_pass(grad_y, lora_B, S, scaling, with_grad_b=grad_b_in_dy_pass)
+            if need_a:
+                grad_A = grad_a_pass(dS, x, dropout).to(lora_A.dtype)
+            if need_x:
+                grad_x = grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout)
+        else:
+            dB = None
+        if need_bb:
+            if dB is None:
+                dB = grad_b_pass(grad_y, S, scaling)
+            grad_B = dB.to(lora_B.dtype)
+        if need_w:
+            # In x's dtype, as nn.Linear's weight gradient, whatever autocast says.
+            with torch.autocast(x.device.type, enabled=False):
+                grad_w = grad_y.t().mm(x)
+        if need_b:
+            grad_b = grad_y.sum(0)
+        return grad_x, grad_w, grad_b, grad_A, grad_B
 
 
 register_op_pair(triton_lora_forward, triton_lora_backward, with_fake=False)
