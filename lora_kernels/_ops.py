@@ -41,13 +41,23 @@ _ALL_FLOAT_DTYPES = _FLOAT_DTYPES | {torch.float64}
 # --------------------------------------------------------------------------
 
 
+def _check_one_device(x, **tensors) -> None:
+    # Mixing in a meta tensor dispatches every device's call here: refuse it as
+    # the kernels' own checks would, rather than return uninitialised outputs.
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"lora_kernels: {name} is on {t.device} but x is on {x.device}")
+
+
 def lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    _check_one_device(x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, seed=seed)
     y = x.new_empty((x.shape[0], weight.shape[0]))
     S = x.new_empty((x.shape[0], lora_A.shape[0]), dtype=accumulate_dtype(x.dtype))
     return y, S
 
 
 def lora_backward_fake(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask):
+    _check_one_device(x, grad_y=grad_y, weight=weight, lora_A=lora_A, lora_B=lora_B, S=S, seed=seed)
     shapes_like = (x, weight, weight.new_empty(weight.shape[0]), lora_A, lora_B)
     return tuple(
         t.new_empty(t.shape) if needed else x.new_empty(0)

@@ -62,3 +62,34 @@ def test_missing_extension_warns_once_and_falls_back():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+_MASK_CHECK = """
+import torch, lora_kernels
+from lora_kernels.dropout import dropout_keep_mask
+torch.set_num_threads(2)
+for dtype in (torch.float32, torch.float64):
+    for M, K in ((5, 3), (9, 37), (300, 64)):
+        x, A = torch.ones(M, K, dtype=dtype), torch.eye(K, dtype=dtype)
+        W, B = torch.randn(2, K, dtype=dtype), torch.randn(2, K, dtype=dtype)
+        for seed in (0, 2**62 + 7):
+            s = torch.tensor([seed])
+            _, S = torch.ops.lora_kernels.lora_forward(x, W, None, A, B, 1.0, 0.3, s)
+            assert torch.equal(S != 0, dropout_keep_mask(s, M, K, 0.3)), (dtype, M, K, seed)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not _extension.has_kernel("lora_forward", "CPU"), reason="extension not built")
+@pytest.mark.parametrize("generator", ["default", "portable"])
+def test_cpu_mask_generators_bit_exact(generator):
+    # The CPU kernels pick a Philox generator once per process (AVX-512 where
+    # the CPU has it, else portable code): check each in its own process.
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    if generator == "portable":
+        env["LORA_KERNELS_CPU_PHILOX"] = "portable"
+    result = subprocess.run(
+        [sys.executable, "-c", _MASK_CHECK], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -202,6 +202,16 @@ CPP_BAD_INPUTS = {
         {"dropout_p": 0.1, "seed": SEED.float()},
         "seed must be an int64",
     ),
+    "meta-weight": (
+        _cpp_forward,
+        {"weight": torch.randn(6, 8, device="meta")},
+        "weight is on meta but x is on cpu",
+    ),
+    "meta-S": (
+        _cpp_backward,
+        {"S": torch.zeros(4, 2, device="meta")},
+        "S is on meta but x is on cpu",
+    ),
 }
 
 

@@ -8,6 +8,8 @@
 //    AVX2 and the baseline on x86-64 with GCC (target_clones).
 #include "cpu/dropout_tile.h"
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "philox.h"
@@ -209,7 +211,11 @@ LORA_AVX512 void avx512_multipliers(uint64_t seed, int64_t first, int64_t n, uin
   }
 }
 
-bool cpu_has_avx512() {
+// LORA_KERNELS_CPU_PHILOX=portable forces the portable generator, so that its
+// masks can be tested on machines that would pick AVX-512.
+bool use_avx512() {
+  const char* forced = std::getenv("LORA_KERNELS_CPU_PHILOX");
+  if (forced != nullptr && std::strcmp(forced, "portable") == 0) return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2");
 }
@@ -220,7 +226,7 @@ bool cpu_has_avx512() {
 void dropout_multipliers(uint64_t seed, int64_t first, int64_t n, uint32_t threshold, float scale,
                          float* out) {
 #if defined(LORA_X86_DISPATCH)
-  static const bool avx512 = cpu_has_avx512();
+  static const bool avx512 = use_avx512();
   if (avx512) return avx512_multipliers(seed, first, n, threshold, scale, out);
 #endif
   portable_multipliers_f32(seed, first, n, threshold, scale, out);
@@ -229,7 +235,7 @@ void dropout_multipliers(uint64_t seed, int64_t first, int64_t n, uint32_t thres
 void dropout_multipliers(uint64_t seed, int64_t first, int64_t n, uint32_t threshold,
                          double scale, double* out) {
 #if defined(LORA_X86_DISPATCH)
-  static const bool avx512 = cpu_has_avx512();
+  static const bool avx512 = use_avx512();
   if (avx512) return avx512_multipliers(seed, first, n, threshold, scale, out);
 #endif
   portable_multipliers_f64(seed, first, n, threshold, scale, out);
