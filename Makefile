@@ -28,6 +28,7 @@ $(DEPS_STAMP): pyproject.toml
 
 # Incremental (ninja): only changed sources recompile.
 build: venv
+	@echo "building lora_kernels._C (incremental; a first build with CUDA sources takes a few minutes)"
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 
 test: build
