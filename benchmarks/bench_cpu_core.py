@@ -29,8 +29,13 @@ from benchmarks.memory import saved_tensor_bytes
 from benchmarks.timing import CpuTimingBudget, Task, Timing, time_cpu_interleaved
 from lora_kernels import LoRALinear
 
+# Acceptance thresholds of the cpu backend at this shape. The design's wider
+# CPU targets (>= 1.4x faster than peft and <= 1.10x the base at dropout 0.1)
+# are printed beside them; >= 1.4x needs peft itself to cost >= 1.4x the base.
 MIN_SPEEDUP_VS_PEFT = 1.3
 MAX_RATIO_VS_BASE = 1.2
+DESIGN_SPEEDUP_VS_PEFT = 1.4
+DESIGN_RATIO_VS_BASE = 1.10
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ def _peft_layer(base: nn.Linear, shape: Shape, dropout_p: float) -> nn.Module:
     from peft.tuners.lora import Linear as PeftLoraLinear
 
     config = LoraConfig(r=shape.r, lora_alpha=shape.lora_alpha, lora_dropout=dropout_p)
-    return PeftLoraLinear(base, "default", config, r=shape.r, lora_alpha=shape.lora_alpha)
+    return PeftLoraLinear(base, "default", config=config, r=shape.r, lora_alpha=shape.lora_alpha)
 
 
 def _layers(shape: Shape, dropout_p: float) -> dict[str, nn.Module]:
@@ -126,6 +131,13 @@ def _report(result: Result, shape: Shape) -> list[str]:
         return []
     budget = shape.saved_bytes_budget()
     print(f"  saved-bytes budget M·r·4 + M·K/8 = {budget}")
+    design = [
+        f"speedup vs peft {speedup:.3f}x (>= {DESIGN_SPEEDUP_VS_PEFT}x: "
+        f"{'met' if speedup >= DESIGN_SPEEDUP_VS_PEFT else 'not met'})",
+        f"cpu / base {vs_base:.3f}x (<= {DESIGN_RATIO_VS_BASE}x: "
+        f"{'met' if vs_base <= DESIGN_RATIO_VS_BASE else 'not met'})",
+    ]
+    print("  design CPU targets, reported: " + "; ".join(design))
     missed = []
     if speedup < MIN_SPEEDUP_VS_PEFT:
         missed.append(f"cpu is {speedup:.3f}x faster than peft, target >= {MIN_SPEEDUP_VS_PEFT}x")

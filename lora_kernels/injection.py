@@ -120,7 +120,12 @@ def inject_lora(
                 "nn.Linear layers only (narrow target_modules)"
             )
 
+    # Freeze everything but the adapters, those of earlier injections included.
     model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
     for name in names:
         layer = LoRALinear.from_linear(
             model.get_submodule(name),

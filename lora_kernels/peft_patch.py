@@ -77,8 +77,13 @@ def _unfused_reason(layer: nn.Module) -> str | None:
     if len(active) != 1:
         return f"{len(active)} active adapters (the fused op runs exactly one)"
     (name,) = active
-    if name in layer.lora_variant:
-        return f"adapter {name!r} is a {type(layer.lora_variant[name]).__name__} (DoRA or another variant)"
+    # peft >= 0.16 records DoRA and other variants in `lora_variant`; older
+    # releases flag DoRA in `use_dora`.
+    variants = getattr(layer, "lora_variant", {})
+    if name in variants:
+        return f"adapter {name!r} is a {type(variants[name]).__name__} (DoRA or another variant)"
+    if getattr(layer, "use_dora", {}).get(name, False):
+        return f"adapter {name!r} uses DoRA"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     if not (_plain_linear(lora_A) and _plain_linear(lora_B)):
         return f"adapter {name!r} has non-plain lora_A/lora_B modules"

@@ -4,6 +4,7 @@ gradients and final weights as one process on the whole batch."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import traceback
@@ -107,6 +108,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # Leave without running interpreter teardown: there, on CPU/gloo after
+    # FSDP2, torch occasionally destroys a still-joinable C++ thread and the
+    # process aborts (no Python frame involved) after all work is saved.
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -161,10 +166,8 @@ def test_ddp_matches_one_process(distributed_results, single_process):
 
 def test_fsdp2_matches_one_process(distributed_results, single_process):
     error = distributed_results[0].get("fsdp2_error")
-    if error is not None:
-        pytest.skip(
-            f"FSDP2 fully_shard does not run on CPU/gloo here (GPU-only): {error.splitlines()[-1]}"
-        )
+    # FSDP2 runs on CPU with gloo in the supported torch: an error is a failure.
+    assert error is None, f"FSDP2 fully_shard failed on CPU/gloo:\n{error}"
     for rank_results in distributed_results:
         assert all(rank_results["fsdp2"]["sharded"].values())
         assert_same(rank_results["fsdp2"]["grads"], single_process["grads"])

@@ -140,6 +140,14 @@ def test_injecting_again_does_not_nest():
     model = inject_lora(TinyNet(), ["q_proj"], r=2)
     inject_lora(model, ["v_proj"], r=2)
     assert lora_names(model) == {f"layers.{i}.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    # The first injection's adapters stay trainable; nothing else is.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        f"layers.{i}.{p}.lora_{ab}.weight"
+        for i in (0, 1)
+        for p in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
     # all-linear skips the inner base_layer/lora_A/lora_B of existing LoRALinear layers
     inject_lora(model, "all-linear", r=2)
     assert not any(".base_layer." in n or ".lora_A." in n for n in lora_names(model))
