@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .injection import replace_module, target_module_names
-from .layers import LoRALinear
+from .layers import LoRALinear, adapter_dtype_for
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -211,7 +211,11 @@ def _read_weights(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, *, backend: str = "auto"
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    backend: str = "auto",
+    autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Load a LoRA adapter in peft's format into ``model``.
 
@@ -220,7 +224,8 @@ def load_adapter(
     ``alpha_pattern``, ``lora_dropout`` and ``use_rslora`` from the config),
     and everything else is frozen. A model that already has ``LoRALinear``
     layers must have them on the same modules with the same ranks and scaling;
-    their A and B are overwritten.
+    their A and B are overwritten. New adapters of float16/bfloat16 layers are
+    float32 unless ``autocast_adapter_dtype`` is False, as in peft.
 
     Returns:
         ``model``.
@@ -261,6 +266,7 @@ def load_adapter(
                 lora_dropout=float(config.get("lora_dropout", 0.0)),
                 use_rslora=use_rslora,
                 backend=backend,
+                adapter_dtype=adapter_dtype_for(model.get_submodule(name), autocast_adapter_dtype),
             )
             replace_module(model, name, layer)
 

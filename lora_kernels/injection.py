@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .layers import LoRALinear
+from .layers import LoRALinear, adapter_dtype_for
 
 ALL_LINEAR = "all-linear"
 
@@ -84,6 +84,7 @@ def inject_lora(
     init_lora_weights: bool | str = True,
     *,
     backend: str = "auto",
+    autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Replace the ``nn.Linear`` layers that ``target_modules`` selects with
     ``LoRALinear`` sharing their weights, and freeze everything else.
@@ -95,6 +96,8 @@ def inject_lora(
         r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend:
             passed to ``LoRALinear`` (``init_lora_weights=True`` leaves the
             model's outputs unchanged until training moves B away from zero).
+        autocast_adapter_dtype: as peft's option of that name: adapters of
+            float16/bfloat16 layers are kept in float32 (False: the layer's dtype).
 
     Returns:
         ``model``, with only the LoRA A and B matrices trainable.
@@ -135,6 +138,7 @@ def inject_lora(
             use_rslora=use_rslora,
             init_lora_weights=init_lora_weights,
             backend=backend,
+            adapter_dtype=adapter_dtype_for(model.get_submodule(name), autocast_adapter_dtype),
         )
         replace_module(model, name, layer)
     return model

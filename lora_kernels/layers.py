@@ -13,6 +13,14 @@ from ._ops import BACKEND_NAMES
 from .functional import lora_linear
 
 
+def adapter_dtype_for(linear: nn.Linear, autocast_adapter_dtype: bool) -> torch.dtype | None:
+    """Adapter dtype for wrapping ``linear``. With ``autocast_adapter_dtype`` it
+    is peft's default choice: float32 for float16/bfloat16 weights; else None
+    (the layer's own dtype)."""
+    half = linear.weight.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if autocast_adapter_dtype and half else None
+
+
 class LoRALinear(nn.Module):
     """``y = base_layer(x) + scaling · lora_B(lora_A(dropout(x)))``, fused.
 
@@ -31,6 +39,8 @@ class LoRALinear(nn.Module):
             equal to its base), ``"gaussian"`` (A ~ N(0, 1/r²) as peft, zero B) or
             ``False`` (A and B both random, for tests).
         backend: "auto", "triton", "cuda", "cpu" or "torch".
+        adapter_dtype: dtype of A and B: the base layer's (default) or float32
+            (what peft uses for fp16/bf16 models; see ``adapter_dtype_for``).
     """
 
     def __init__(
@@ -47,6 +57,7 @@ class LoRALinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        adapter_dtype: torch.dtype | None = None,
         _base_layer: nn.Linear | None = None,
     ) -> None:
         super().__init__()
@@ -72,10 +83,14 @@ class LoRALinear(nn.Module):
             )
         self.base_layer = _base_layer
         self.base_layer.requires_grad_(False)
-        factory = {
-            "device": self.base_layer.weight.device,
-            "dtype": dtype or self.base_layer.weight.dtype,
-        }
+        base_dtype = self.base_layer.weight.dtype
+        allowed = {base_dtype, torch.float64 if base_dtype == torch.float64 else torch.float32}
+        if adapter_dtype is not None and adapter_dtype not in allowed:
+            names = " or ".join(sorted(str(d) for d in allowed))
+            raise ValueError(
+                f"adapter_dtype must be {names} for a {base_dtype} base layer, got {adapter_dtype}"
+            )
+        factory = {"device": self.base_layer.weight.device, "dtype": adapter_dtype or base_dtype}
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
 

@@ -171,3 +171,31 @@ def test_import_works_without_optional_dependencies():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["16", "ImportError", "True"]
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_half_precision_model_gets_fp32_adapters_like_peft(autocast_adapter_dtype):
+    model = inject_lora(
+        TinyNet().to(torch.bfloat16),
+        ["q_proj"],
+        r=2,
+        init_lora_weights=False,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+    )
+    layer = model.get_submodule("layers.0.q_proj")
+    expected = torch.float32 if autocast_adapter_dtype else torch.bfloat16
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == expected
+    assert layer.weight.dtype == torch.bfloat16
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == expected
+
+
+def test_adapter_dtype_must_fit_the_base_layer():
+    with pytest.raises(ValueError, match="adapter_dtype must be"):
+        LoRALinear(8, 4, adapter_dtype=torch.float16)
+    assert LoRALinear(
+        8, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32
+    ).lora_A.weight.dtype == (torch.float32)
