@@ -54,21 +54,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int item = tid; item < kBM * kQuadsPerRow; item += kThreads) {
       const int row = item / kQuadsPerRow;
       const int col = (item % kQuadsPerRow) * 4;
-      const int64_t m = m0 + row;
-      const int64_t k = k0 + col;
-      acc_t v[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-      if (m < M) {
-        const scalar_t* x_row = x + m * x_stride_m;
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (k + c < K) v[c] = static_cast<acc_t>(x_row[(k + c) * x_stride_k]);
-        if constexpr (kDropout) {
-          const uint32_t keep = keep_bits4(seed, m * K + k, threshold);
-#pragma unroll
-          for (int c = 0; c < 4; ++c)
-            if (!((keep >> c) & 1u)) v[c] = acc_t(0);
-        }
-      }
+      acc_t v[4];
+      load_x_quad<kDropout>(x, x_stride_m, x_stride_k, M, K, m0 + row, k0 + col, seed, threshold,
+                            v);
 #pragma unroll
       for (int c = 0; c < 4; ++c) x_tile[row][col + c] = v[c];
     }

@@ -109,6 +109,30 @@ __device__ __forceinline__ uint32_t keep_bits4(uint64_t seed, int64_t base, uint
   return bits;
 }
 
+// v[c] = x[m, k + c] in the accumulate type (0 past row M or column K), zeroed
+// where dropout drops the element; kept values are not scaled (the kernels
+// apply 1/(1-p) once to their accumulators). The four mask bits come from one
+// keep_bits4 call.
+template <bool kDropout, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_x_quad(const scalar_t* __restrict__ x, int64_t x_stride_m,
+                                            int64_t x_stride_k, int64_t M, int64_t K, int64_t m,
+                                            int64_t k, uint64_t seed, uint32_t threshold,
+                                            acc_t (&v)[4]) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) v[c] = acc_t(0);
+  if (m >= M) return;
+  const scalar_t* x_row = x + m * x_stride_m;
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+    if (k + c < K) v[c] = static_cast<acc_t>(x_row[(k + c) * x_stride_k]);
+  if constexpr (kDropout) {
+    const uint32_t keep = keep_bits4(seed, m * K + k, threshold);
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (!((keep >> c) & 1u)) v[c] = acc_t(0);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Dispatch
 // ---------------------------------------------------------------------------

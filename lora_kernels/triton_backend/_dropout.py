@@ -83,3 +83,33 @@ def keep_mask(
         words = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
     # uint32 -> int64 zero-extends, so the comparison is unsigned.
     return words.to(tl.int64) >= threshold
+
+
+@triton.jit
+def load_dropped_x(
+    x_ptr,
+    stride_xm,
+    stride_xk,
+    offs_m,
+    offs_k,
+    mask_m,
+    mask_k,
+    seed,
+    k0,
+    K,
+    threshold,
+    BLOCK_K: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    QUAD_ALIGNED: tl.constexpr,
+):
+    """The x tile of rows ``offs_m`` × columns ``offs_k`` (0 outside the masks),
+    zeroed where dropout drops an element. Kept values are not scaled: the
+    kernels apply 1/(1 − p) once to their accumulators."""
+    x = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        mask=mask_m[:, None] & mask_k[None, :],
+        other=0.0,
+    )
+    if DROPOUT:
+        x = tl.where(keep_mask(seed, offs_m, k0, K, threshold, BLOCK_K, QUAD_ALIGNED), x, 0.0)
+    return x

@@ -16,7 +16,7 @@ from torch.library import wrap_triton
 
 from . import _launch
 from ._dot import mixed_dot
-from ._dropout import DropoutArgs, keep_mask, quad_aligned
+from ._dropout import DropoutArgs, load_dropped_x, quad_aligned
 
 
 @triton.jit
@@ -57,6 +57,7 @@ def _grad_a_kernel(
     mask_r = offs_r < R
     m_start = pid_split * m_per_split
     m_end = tl.minimum(m_start + m_per_split, M)
+    seed = 0  # unused without dropout
     if DROPOUT:
         seed = tl.load(seed_ptr)
 
@@ -64,13 +65,22 @@ def _grad_a_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < m_end
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
+        x = load_dropped_x(
+            x_ptr,
+            stride_xm,
+            stride_xk,
+            offs_m,
+            offs_k,
+            mask_m,
+            mask_k,
+            seed,
+            k0,
+            K,
+            threshold,
+            BLOCK_K,
+            DROPOUT,
+            QUAD_ALIGNED,
         )
-        if DROPOUT:
-            x = tl.where(keep_mask(seed, offs_m, k0, K, threshold, BLOCK_K, QUAD_ALIGNED), x, 0.0)
         ds_t = tl.load(
             ds_ptr + offs_r[:, None] * stride_dsr + offs_m[None, :] * stride_dsm,
             mask=mask_r[:, None] & mask_m[None, :],

@@ -15,7 +15,7 @@ from torch.library import wrap_triton
 
 from . import _launch
 from ._dot import mixed_dot
-from ._dropout import DropoutArgs, keep_mask, quad_aligned
+from ._dropout import DropoutArgs, load_dropped_x, quad_aligned
 
 
 @triton.jit
@@ -55,6 +55,7 @@ def _shrink_kernel(
     mask_r = offs_r < R
     k_start = pid_split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    seed = 0  # unused without dropout
     if DROPOUT:
         seed = tl.load(seed_ptr)
 
@@ -62,13 +63,22 @@ def _shrink_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < k_end
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
+        x = load_dropped_x(
+            x_ptr,
+            stride_xm,
+            stride_xk,
+            offs_m,
+            offs_k,
+            mask_m,
+            mask_k,
+            seed,
+            k0,
+            K,
+            threshold,
+            BLOCK_K,
+            DROPOUT,
+            QUAD_ALIGNED,
         )
-        if DROPOUT:
-            x = tl.where(keep_mask(seed, offs_m, k0, K, threshold, BLOCK_K, QUAD_ALIGNED), x, 0.0)
         a_t = tl.load(
             a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
             mask=mask_k[:, None] & mask_r[None, :],
