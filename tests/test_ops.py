@@ -138,3 +138,30 @@ def test_compile_inductor_cpu_training_step():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert layer.lora_A.weight.grad is not None and layer.lora_A.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("device", "backend"), [p for p in backend_params() if p.values[1] in ("torch", "cpu")]
+)
+def test_backward_op_takes_inputs_that_require_grad(device, backend):
+    # As under backward(create_graph=True): grad mode on, saved inputs requiring grad.
+    impl = get_backend(backend)
+    prob = make_problem(40, 24, 16, 4, device=device).cast(torch.float32)
+    seed = torch.tensor([11], device=device)
+    x, A, B = (t.requires_grad_() for t in (prob.x, prob.lora_A, prob.lora_B))
+    _, S = impl.forward(x, prob.weight, None, A, B, 0.5, 0.2, seed)
+    grads = impl.backward(prob.grad_y, x, prob.weight, A, B, S.detach(), 0.5, 0.2, seed, [True] * 5)
+    expected = impl.backward(
+        prob.grad_y,
+        x.detach(),
+        prob.weight,
+        A.detach(),
+        B.detach(),
+        S.detach(),
+        0.5,
+        0.2,
+        seed,
+        [True] * 5,
+    )
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)

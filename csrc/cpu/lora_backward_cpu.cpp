@@ -143,8 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
                       seed);
   // Internal ATen calls must run in the dtypes chosen here, never autocast.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  // Detached aliases: the blocked passes call ATen from OpenMP worker threads,
-  // which do not inherit the caller's below-autograd dispatch state.
+  // Detached aliases: this op has no derivative of its own, so it can be called
+  // with inputs that require grad in grad mode (e.g. backward with
+  // create_graph=True), where ATen's out= calls below would refuse them.
   const at::Tensor grad_y = grad_y_in.detach();
   const at::Tensor x = x_in.detach();
   const at::Tensor weight = weight_in.detach();

@@ -76,18 +76,12 @@ void seed_lora_term(const at::Tensor& S, const at::Tensor& lora_B, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(
-    const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
-    const at::Tensor& lora_A_in, const at::Tensor& lora_B_in, double scaling, double dropout_p,
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed) {
-  check_forward_args(x_in, weight_in, bias_in, lora_A_in, lora_B_in, scaling, dropout_p, seed);
+  check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
   // Internal ATen calls must run in the dtypes chosen here, never autocast.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  // Detached aliases: the blocked passes call ATen from OpenMP worker threads,
-  // which do not inherit the caller's below-autograd dispatch state.
-  const at::Tensor x = x_in.detach();
-  const at::Tensor weight = weight_in.detach();
-  const at::Tensor lora_A = lora_A_in.detach();
-  const at::Tensor lora_B = lora_B_in.detach();
 
   const at::ScalarType acc = accumulate_dtype(x.scalar_type());
   const bool low_precision = x.scalar_type() != acc;
@@ -111,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(
   }
 
   at::Tensor y = at::empty({M, N}, x.options());
-  const bool has_bias = bias_in.has_value() && bias_in->defined();
-  seed_lora_term(S, lora_B, has_bias ? bias_in->detach() : at::Tensor(), scaling, y);
+  const bool has_bias = bias.has_value() && bias->defined();
+  seed_lora_term(S, lora_B, has_bias ? *bias : at::Tensor(), scaling, y);
   y.addmm_(x, weight.t());
   return {y, S};
 }
