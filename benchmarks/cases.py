@@ -1,5 +1,6 @@
-"""What gets measured: LoRA problems (shape, tokens, rank, dtype), settings
-(training with a dropout probability, or inference), modes, and the presets.
+"""What gets measured: LoRA problems (shape, tokens, rank, dtype, adapter
+dtype), settings (training with a dropout probability, or inference), modes,
+and the presets.
 
 A *problem* fixes the tensors; a *setting* fixes how the layer runs
 (train/eval, dropout); a *mode* fixes what is timed.
@@ -41,6 +42,12 @@ DTYPES = {
 }
 
 
+# Adapter dtypes of a grid: "same" as the layer (peft's autocast_adapter_dtype=False),
+# or "fp32" -- what peft, inject_lora and load_adapter give fp16/bf16 layers by default.
+SAME_AS_LAYER = "same"
+ADAPTER_DTYPES = {SAME_AS_LAYER: None, "fp32": torch.float32, "float32": torch.float32}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         dtype, str(dtype).removeprefix("torch.")
@@ -49,7 +56,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Problem:
-    """One LoRA linear layer and one batch: x is (tokens, in_features)."""
+    """One LoRA linear layer and one batch: x is (tokens, in_features); A and B
+    are in ``adapter_dtype`` (None: the layer's dtype)."""
 
     in_features: int
     out_features: int
@@ -58,10 +66,16 @@ class Problem:
     dtype: torch.dtype
     bias: bool
     device: str
+    adapter_dtype: torch.dtype | None = None
 
     @property
     def scaling(self) -> float:
         return LORA_ALPHA / self.rank
+
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        """The dtype of A and B."""
+        return self.adapter_dtype or self.dtype
 
     @property
     def shape_label(self) -> str:
@@ -70,7 +84,13 @@ class Problem:
     @property
     def label(self) -> str:
         bias = " +bias" if self.bias else ""
-        return f"{self.shape_label} M={self.tokens} r={self.rank} {dtype_name(self.dtype)}{bias}"
+        adapters = (
+            f" {dtype_name(self.lora_dtype)} adapters" if self.lora_dtype != self.dtype else ""
+        )
+        return (
+            f"{self.shape_label} M={self.tokens} r={self.rank} "
+            f"{dtype_name(self.dtype)}{adapters}{bias}"
+        )
 
 
 @dataclass(frozen=True)
@@ -101,14 +121,28 @@ class Grid:
     modes: tuple[str, ...]
     providers: tuple[str, ...] | None = None
     bias: bool = False
+    adapter_dtypes: tuple[str, ...] = (SAME_AS_LAYER,)
 
     def problems(self, device: str) -> list[Problem]:
-        return [
-            Problem(k, n, m, r, dtype, self.bias, device)
-            for (k, n), m, r, dtype in itertools.product(
-                self.shapes, self.tokens, self.ranks, self.dtypes
+        """Every combination; an adapter dtype equal to the layer's counts as "same"."""
+        problems = []
+        for (k, n), m, r, dtype, adapters in itertools.product(
+            self.shapes, self.tokens, self.ranks, self.dtypes, self.adapter_dtypes
+        ):
+            adapter_dtype = ADAPTER_DTYPES[adapters]
+            problem = Problem(
+                k,
+                n,
+                m,
+                r,
+                dtype,
+                self.bias,
+                device,
+                None if adapter_dtype == dtype else adapter_dtype,
             )
-        ]
+            if problem not in problems:
+                problems.append(problem)
+        return problems
 
     def settings(self) -> list[Setting]:
         """Training settings in increasing dropout (so p = 0 is checked first), then inference."""
@@ -124,17 +158,20 @@ class Grid:
 
 
 PRESETS: dict[str, Grid] = {
-    # Sized for a few minutes on a 2-core CPU: one Llama-3-8B projection.
+    # Sized for a few minutes on a 2-core CPU: one Llama-3-8B projection, in fp32
+    # and in bf16 with adapters in bf16 and in fp32 (peft's default for bf16 layers).
     "quick": Grid(
         shapes=((4096, 4096),),
         tokens=(512,),
         ranks=(16,),
-        dtypes=(torch.float32,),
+        dtypes=(torch.float32, torch.bfloat16),
         dropouts=(0.0, 0.1),
         modes=(FORWARD, FORWARD_BACKWARD),
         providers=("base", "torch-naive", "peft", "addmm", "torch-compile", "lora_kernels"),
+        adapter_dtypes=(SAME_AS_LAYER, "fp32"),
     ),
-    # The DESIGN targets, for a GPU: every Llama-3-8B projection, tokens, rank and mode.
+    # The DESIGN targets, for a GPU: every Llama-3-8B projection, tokens, rank, mode
+    # and adapter dtype.
     "full": Grid(
         shapes=LLAMA3_8B_SHAPES,
         tokens=(512, 2048, 8192),
@@ -151,6 +188,7 @@ PRESETS: dict[str, Grid] = {
             "merged",
             "lora_kernels",
         ),
+        adapter_dtypes=(SAME_AS_LAYER, "fp32"),
     ),
 }
 
@@ -181,9 +219,9 @@ def make_tensors(problem: Problem, seed: int = 0) -> LoRATensors:
     gen = torch.Generator(device=problem.device).manual_seed(zlib.crc32(key.encode()))
     K, N, M, r = problem.in_features, problem.out_features, problem.tokens, problem.rank
 
-    def uniform(*shape: int, bound: float) -> torch.Tensor:
+    def uniform(*shape: int, bound: float, dtype: torch.dtype = problem.dtype) -> torch.Tensor:
         t = torch.empty(shape, device=problem.device).uniform_(-bound, bound, generator=gen)
-        return t.to(problem.dtype)
+        return t.to(dtype)
 
     def normal(*shape: int) -> torch.Tensor:
         return torch.randn(shape, device=problem.device, generator=gen).to(problem.dtype)
@@ -193,7 +231,7 @@ def make_tensors(problem: Problem, seed: int = 0) -> LoRATensors:
         grad_y=normal(M, N),
         weight=uniform(N, K, bound=K**-0.5),
         bias=uniform(N, bound=K**-0.5) if problem.bias else None,
-        lora_A=uniform(r, K, bound=K**-0.5),
-        lora_B=uniform(N, r, bound=r**-0.5),
+        lora_A=uniform(r, K, bound=K**-0.5, dtype=problem.lora_dtype),
+        lora_B=uniform(N, r, bound=r**-0.5, dtype=problem.lora_dtype),
         scaling=problem.scaling,
     )

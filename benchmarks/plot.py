@@ -1,13 +1,14 @@
 """Plots of stored runs: ``python -m benchmarks.plot`` → PNGs in benchmarks/results/.
 
-For the latest run of each device (or ``--run RUN_ID``):
+For the latest run of each device (or ``--run RUN_ID``), and each precision
+in it (``<precision>``: the dtype, e.g. ``bf16``, or ``bf16-fp32-adapters``):
 
-* ``<device>_speedup_<mode>.png``: speedup over torch-naive vs tokens, one
-  panel per shape (rows) and rank (columns), one line per provider, solid
-  with filled markers at dropout 0, dashed with hollow ones above;
-* ``<device>_saved_memory.png``: bytes saved for backward beyond x and the
-  parameters, per provider, at the largest token count of the run, one
-  panel per dropout value.
+* ``<device>_<precision>_speedup_<mode>.png``: speedup over torch-naive vs
+  tokens, one panel per shape (rows) and rank (columns), one line per
+  provider, solid with filled markers at dropout 0, dashed with hollow ones above;
+* ``<device>_<precision>_saved_memory.png``: bytes saved for backward beyond x
+  and the parameters, per provider, at the largest token count of the run,
+  one panel per dropout value.
 """
 
 from __future__ import annotations
@@ -152,18 +153,25 @@ def plot_saved_memory(rows: Sequence[Row], title: str, path: Path) -> Path | Non
     return path
 
 
-def plot_run(meta: dict, rows: Sequence[Row], output_dir: Path) -> list[Path]:
+def _slug(precision: str) -> str:
+    return precision.replace(", ", "-").replace(" ", "-")
+
+
+def plot_run(meta: dict, all_rows: Sequence[Row], output_dir: Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
-    title = describe(meta)
     device = meta["device"]
     paths = []
-    for mode in dict.fromkeys(r.mode for r in rows):
-        if any(r.speedup_vs_naive is not None and r.mode == mode for r in rows):
-            name = f"{device}_speedup_{mode.replace('+', '-')}.png"
-            paths.append(plot_speedup(rows, mode, title, output_dir / name))
-    saved = plot_saved_memory(rows, title, output_dir / f"{device}_saved_memory.png")
-    if saved is not None:
-        paths.append(saved)
+    for precision in dict.fromkeys(r.precision for r in all_rows):
+        rows = [r for r in all_rows if r.precision == precision]
+        title = f"{precision}; {describe(meta)}"
+        prefix = f"{device}_{_slug(precision)}"
+        for mode in dict.fromkeys(r.mode for r in rows):
+            if any(r.speedup_vs_naive is not None and r.mode == mode for r in rows):
+                name = f"{prefix}_speedup_{mode.replace('+', '-')}.png"
+                paths.append(plot_speedup(rows, mode, title, output_dir / name))
+        saved = plot_saved_memory(rows, title, output_dir / f"{prefix}_saved_memory.png")
+        if saved is not None:
+            paths.append(saved)
     return paths
 
 

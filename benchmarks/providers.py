@@ -13,6 +13,10 @@ compares, each built on the same tensors so outputs are comparable.
 
 Providers share the tensors' storage (nothing is copied but the merged
 weight); each gets its own ``nn.Parameter`` objects so gradients stay apart.
+With adapters in fp32 and an fp16/bf16 layer, ``torch-naive`` and
+``torch-compile`` compute what peft does (the LoRA branch in fp32, added to the
+base output in fp32, the sum cast to the layer's dtype); ``addmm`` and the
+lora_kernels backends expand s·S·Bᵀ in the layer's dtype (triton: in TF32).
 """
 
 from __future__ import annotations
@@ -96,9 +100,11 @@ def naive_lora_linear(
     dropout_p: float,
     training: bool,
 ) -> torch.Tensor:
-    """NaiveLoRALinear's computation as a function of its tensors."""
-    lora = F.linear(F.linear(F.dropout(x, dropout_p, training), lora_A), lora_B)
-    return F.linear(x, weight, bias) + lora * scaling
+    """NaiveLoRALinear's computation as a function of its tensors: peft's, which
+    runs the branch in the adapters' dtype and returns the layer's."""
+    lora_x = F.dropout(x.to(lora_A.dtype), dropout_p, training)
+    lora = F.linear(F.linear(lora_x, lora_A), lora_B)
+    return (F.linear(x, weight, bias) + lora * scaling).to(x.dtype)
 
 
 class NaiveLoRALinear(nn.Module):
@@ -113,11 +119,14 @@ class NaiveLoRALinear(nn.Module):
         self.scaling = t.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        lora = self.lora_B(self.lora_A(lora_x)) * self.scaling
+        return (self.base_layer(x) + lora).to(x.dtype)
 
 
 class AddmmLoRALinear(nn.Module):
-    """y = x·W0ᵀ + b, then y += s·(x·Aᵀ)·Bᵀ in place with one BLAS addmm (no dropout)."""
+    """y = x·W0ᵀ + b, then y += s·(x·Aᵀ)·Bᵀ in place with one BLAS addmm (no
+    dropout); x·Aᵀ in the adapters' dtype, the addmm in the layer's."""
 
     def __init__(self, t: LoRATensors) -> None:
         super().__init__()
@@ -128,7 +137,8 @@ class AddmmLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        return y.addmm_(x @ self.lora_A.t(), self.lora_B.t(), alpha=self.scaling)
+        S = x.to(self.lora_A.dtype) @ self.lora_A.t()
+        return y.addmm_(S.to(y.dtype), self.lora_B.t().to(y.dtype), alpha=self.scaling)
 
 
 def _build_base(t: LoRATensors, setting: Setting) -> Built:
@@ -233,6 +243,7 @@ def _build_lora_kernels(backend: str) -> Callable[[LoRATensors, Setting], Built]
             lora_dropout=setting.dropout_p,
             init_lora_weights=False,
             backend=backend,
+            adapter_dtype=t.lora_A.dtype,
         )
         module.lora_A.weight = nn.Parameter(t.lora_A)
         module.lora_B.weight = nn.Parameter(t.lora_B)

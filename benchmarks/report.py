@@ -35,6 +35,7 @@ class Row:
     tokens: int
     rank: int
     dtype: str
+    adapter_dtype: str
     bias: bool
     dropout: float
     mode: str
@@ -53,6 +54,13 @@ class Row:
     note: str = ""
 
     @property
+    def precision(self) -> str:
+        """The layer's dtype, and the adapters' when they differ (e.g. "bf16, fp32 adapters")."""
+        if self.adapter_dtype == self.dtype:
+            return self.dtype
+        return f"{self.dtype}, {self.adapter_dtype} adapters"
+
+    @property
     def group(self) -> tuple:
         """Rows of one group time the same work and are compared with each other."""
         return (
@@ -61,6 +69,7 @@ class Row:
             self.tokens,
             self.rank,
             self.dtype,
+            self.adapter_dtype,
             self.bias,
             self.dropout,
             self.mode,
@@ -140,8 +149,8 @@ def group_title(row: Row) -> str:
     bias = " +bias" if row.bias else ""
     setting = "eval" if row.mode == "inference" else f"dropout {row.dropout:g}"
     return (
-        f"{row.in_features}→{row.out_features}  M={row.tokens}  r={row.rank}  {row.dtype}{bias}"
-        f"  {setting}  {row.mode}"
+        f"{row.in_features}→{row.out_features}  M={row.tokens}  r={row.rank}  "
+        f"{row.precision}{bias}  {setting}  {row.mode}"
     )
 
 
@@ -266,6 +275,33 @@ META_COLUMNS = (
 )
 
 
+def _csv_rows(meta: dict, rows: Iterable[Row]) -> list[dict]:
+    return [{**{k: meta[k] for k in META_COLUMNS}, **dataclasses.asdict(row)} for row in rows]
+
+
+def _migrate_csv(csv_path: Path, jsonl_path: Path, fieldnames: list[str], run_id: str) -> None:
+    """Bring a table written with other columns to ``fieldnames``: rebuilt from
+    results.jsonl, which holds every run in full, when it has all the table's
+    rows; else the old table is kept aside (``results.before-<run>.csv``)."""
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header == fieldnames:
+            return
+        old_rows = sum(1 for _ in reader)
+    stored = load_runs(jsonl_path) if jsonl_path.exists() else []
+    if sum(len(run_rows) for _, run_rows in stored) != old_rows:
+        csv_path.rename(csv_path.with_suffix(f".before-{run_id}.csv"))
+        return
+    rebuilt = csv_path.with_suffix(".csv.tmp")
+    with open(rebuilt, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        for run_meta, run_rows in stored:
+            writer.writerows(_csv_rows(run_meta, run_rows))
+    os.replace(rebuilt, csv_path)
+
+
 def save(rows: Sequence[Row], meta: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
     """Append the rows to results.csv (with the run's metadata columns) and
     the run to results.jsonl; returns both paths."""
@@ -273,17 +309,13 @@ def save(rows: Sequence[Row], meta: dict, results_dir: Path = RESULTS_DIR) -> tu
     csv_path, jsonl_path = results_dir / CSV_NAME, results_dir / JSONL_NAME
     fieldnames = [*META_COLUMNS, *COLUMNS]
     if csv_path.exists():
-        with open(csv_path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if header != fieldnames:  # columns changed: keep the old file aside
-            csv_path.rename(csv_path.with_suffix(f".before-{meta['run_id']}.csv"))
+        _migrate_csv(csv_path, jsonl_path, fieldnames, meta["run_id"])
     new_file = not csv_path.exists()
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fieldnames)
         if new_file:
             writer.writeheader()
-        for row in rows:
-            writer.writerow({**{k: meta[k] for k in META_COLUMNS}, **dataclasses.asdict(row)})
+        writer.writerows(_csv_rows(meta, rows))
     with open(jsonl_path, "a") as f:
         f.write(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}) + "\n")
     return csv_path, jsonl_path
@@ -296,7 +328,9 @@ def load_runs(path: Path = RESULTS_DIR / JSONL_NAME) -> list[tuple[dict, list[Ro
         for line in f:
             if line.strip():
                 record = json.loads(line)
-                runs.append((record["meta"], [Row(**r) for r in record["rows"]]))
+                # Runs stored before the adapter dtype was recorded had adapters in x's dtype.
+                rows = [Row(**{"adapter_dtype": r["dtype"], **r}) for r in record["rows"]]
+                runs.append((record["meta"], rows))
     return runs
 
 

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .cases import (
+    ADAPTER_DTYPES,
     BACKWARD,
     DTYPES,
     FORWARD,
@@ -151,6 +152,7 @@ class Runner:
                 tokens=problem.tokens,
                 rank=problem.rank,
                 dtype=dtype_name(problem.dtype),
+                adapter_dtype=dtype_name(problem.lora_dtype),
                 bias=problem.bias,
                 dropout=setting.dropout_p,
                 mode=mode,
@@ -274,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ranks", nargs="+", metavar="R", help="LoRA ranks")
     parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", help="fp32, bf16, fp16")
     parser.add_argument(
+        "--adapter-dtypes",
+        nargs="+",
+        metavar="DTYPE",
+        help="same (the layer's dtype) and/or fp32 (peft's default for fp16/bf16 layers)",
+    )
+    parser.add_argument(
         "--providers",
         nargs="+",
         metavar="NAME",
@@ -316,6 +324,13 @@ def grid_from_args(args: argparse.Namespace, device: torch.device) -> tuple[str,
         if unknown:
             raise ValueError(f"--dtypes: unknown {unknown}; expected some of {sorted(DTYPES)}")
         overrides["dtypes"] = tuple(DTYPES[d] for d in _split(args.dtypes))
+    if args.adapter_dtypes:
+        unknown = [d for d in _split(args.adapter_dtypes) if d not in ADAPTER_DTYPES]
+        if unknown:
+            raise ValueError(
+                f"--adapter-dtypes: unknown {unknown}; expected some of {sorted(ADAPTER_DTYPES)}"
+            )
+        overrides["adapter_dtypes"] = tuple(_split(args.adapter_dtypes))
     if args.providers:
         overrides["providers"] = tuple(_split(args.providers))
     if args.modes:

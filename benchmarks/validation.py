@@ -71,12 +71,21 @@ def run_inference(built: Built, t: LoRATensors) -> Outputs:
 
 
 def _lora_outputs(
-    t: LoRATensors, dtype: torch.dtype, dropout_p: float, seed: int | None
+    t: LoRATensors,
+    dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    dropout_p: float,
+    seed: int | None,
 ) -> Outputs:
     # Fresh leaves (copies even in the same dtype): the shared tensors must not turn into leaves.
     leaves = {
-        name: getattr(t, name).detach().to(dtype, copy=True).requires_grad_(grad)
-        for name, grad in (("x", True), ("weight", False), ("lora_A", True), ("lora_B", True))
+        name: getattr(t, name).detach().to(to, copy=True).requires_grad_(grad)
+        for name, to, grad in (
+            ("x", dtype, True),
+            ("weight", dtype, False),
+            ("lora_A", adapter_dtype, True),
+            ("lora_B", adapter_dtype, True),
+        )
     }
     bias = None if t.bias is None else t.bias.to(dtype)
     if seed is not None:
@@ -116,6 +125,7 @@ class Reference:
     def __init__(self, t: LoRATensors) -> None:
         self.t = t
         self.dtype = t.x.dtype
+        self.adapter_dtype = t.lora_A.dtype
         self._cache: dict[tuple, tuple[Outputs, dict[str, float]]] = {}
 
     def _with_tolerances(
@@ -134,8 +144,8 @@ class Reference:
         key = ("lora", dropout_p, seed)
         if key not in self._cache:
             self._cache[key] = self._with_tolerances(
-                _lora_outputs(self.t, torch.float64, dropout_p, seed),
-                _lora_outputs(self.t, self.dtype, dropout_p, seed),
+                _lora_outputs(self.t, torch.float64, torch.float64, dropout_p, seed),
+                _lora_outputs(self.t, self.dtype, self.adapter_dtype, dropout_p, seed),
             )
         return self._cache[key]
 

@@ -8,7 +8,7 @@ CUDA, CPU (C++) and pure-PyTorch backends.
 
 from __future__ import annotations
 
-from . import _extension
+from . import _extension, _ops
 from ._ops import available_backends
 from .adapter_io import load_adapter, save_adapter
 from .functional import lora_linear
@@ -31,3 +31,5 @@ __all__ = [
 ]
 
 _extension.warn_if_unavailable()
+if _ops.triton_backend_may_run():
+    _ops.load_triton_backend()

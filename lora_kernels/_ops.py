@@ -160,7 +160,9 @@ class Backend:
 
     ``forward``/``backward`` are the registered, autograd-aware ops;
     ``unavailable`` returns why the backend cannot run on a device (None
-    when it can); ``dtypes`` are the input dtypes it accepts.
+    when it can); ``dtypes`` are the input dtypes it accepts;
+    ``device_types`` the kinds of device it is built for (None: every kind),
+    whether or not this machine can run it there.
     """
 
     name: str
@@ -168,6 +170,11 @@ class Backend:
     backward: Callable
     unavailable: Callable[[torch.device], str | None]
     dtypes: frozenset[torch.dtype] = field(default=_ALL_FLOAT_DTYPES)
+    device_types: frozenset[str] | None = None
+
+    def serves(self, device: torch.device) -> bool:
+        """Whether ``device`` is of a kind this backend is built for."""
+        return self.device_types is None or device.type in self.device_types
 
     def unsupported(self, x: torch.Tensor) -> str | None:
         """Why this backend cannot run on ``x`` (None when it can)."""
@@ -203,11 +210,16 @@ if _extension.available():
             torch.ops.lora_kernels.lora_forward.default,
             torch.ops.lora_kernels.lora_backward.default,
             _extension_unavailable(_device_type),
+            device_types=frozenset({_device_type}),
         )
 else:
     for _device_type in ("cpu", "cuda"):
         _BACKENDS[_device_type] = Backend(
-            _device_type, None, None, _extension_unavailable(_device_type)
+            _device_type,
+            None,
+            None,
+            _extension_unavailable(_device_type),
+            device_types=frozenset({_device_type}),
         )
 
 
@@ -216,35 +228,68 @@ def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
 
 
-def _load_optional_backends() -> None:
-    # Imported lazily: importing triton is slow and may fail on machines
-    # without it, which must not break the other backends.
+def load_triton_backend() -> None:
+    """Register the triton backend (importing triton) unless it is registered.
+
+    Importing triton is slow and may fail on machines without it, which must
+    not break the other backends, so it happens only where the backend is
+    asked for. ``import lora_kernels`` calls this up front where the backend
+    can run (a CUDA device, or ``TRITON_INTERPRET=1``): ``torch.compile``
+    must never trace the import itself.
+    """
     if "triton" not in _BACKENDS:
         from . import triton_backend  # noqa: F401  (registers itself)
+
+
+def triton_backend_may_run() -> bool:
+    """Whether this process could run the triton backend (so it is loaded at import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
 def get_backend(name: str) -> Backend:
-    _load_optional_backends()
+    if name == "triton":
+        load_triton_backend()
     return _BACKENDS[name]
+
+
+def env_backend() -> str:
+    """The backend named by ``LORA_KERNELS_BACKEND`` ("auto" when unset or empty)."""
+    name = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"{BACKEND_ENV_VAR}={name!r} is not a backend; expected one of {BACKEND_NAMES}"
+        )
+    return name
+
+
+def backend_for_device(name: str, device: torch.device) -> str:
+    """A backend preference scoped to the devices it is built for: ``name``
+    on a device of a kind that backend serves, ``"auto"`` on any other.
+
+    This is how ``LORA_KERNELS_BACKEND`` and the ``backend=`` of layers
+    (``LoRALinear``, ``inject_lora``, ``patch_peft``) apply: a layer built
+    with ``backend="cuda"`` and moved to the CPU runs there on ``auto``.
+    """
+    if name == "auto" or get_backend(name).serves(device):
+        return name
+    return "auto"
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> Backend:
     """The backend that runs ``x`` for the requested ``name``.
 
-    ``auto`` (or the ``LORA_KERNELS_BACKEND`` environment variable, when set)
-    tries triton → cuda → torch on CUDA tensors and cpu → torch on CPU
-    tensors, skipping backends that cannot take the input; it never fails
-    where ``torch`` works. A backend asked for by name that cannot run raises.
+    ``auto`` takes ``LORA_KERNELS_BACKEND`` when it is set and names a backend
+    built for x's kind of device; otherwise it tries triton → cuda → torch on
+    CUDA tensors and cpu → torch on CPU tensors, skipping backends that cannot
+    take the input, so it never fails where ``torch`` works. A backend named
+    here or by the variable, on a device it serves, must run the input or
+    raise a ``RuntimeError`` saying why.
     """
     if name == "auto":
-        name = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
-        if name not in BACKEND_NAMES:
-            raise ValueError(
-                f"{BACKEND_ENV_VAR}={name!r} is not a backend; expected one of {BACKEND_NAMES}"
-            )
+        name = backend_for_device(env_backend(), x.device)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(x.device.type, ("torch",)):
             backend = get_backend(candidate)
@@ -260,7 +305,7 @@ def resolve_backend(name: str, x: torch.Tensor) -> Backend:
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Backends that can run on ``device`` (default: every device this machine has)."""
-    _load_optional_backends()
+    load_triton_backend()
     if device is None:
         devices = [torch.device("cpu")]
         if torch.cuda.is_available():

@@ -214,6 +214,7 @@ def load_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
     *,
+    is_trainable: bool = False,
     backend: str = "auto",
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
@@ -226,6 +227,11 @@ def load_adapter(
     layers must have them on the same modules with the same ranks and scaling;
     their A and B are overwritten. New adapters of float16/bfloat16 layers are
     float32 unless ``autocast_adapter_dtype`` is False, as in peft.
+
+    As peft's ``PeftModel.from_pretrained``, the adapter is loaded for
+    inference unless ``is_trainable``: its A and B are frozen and the whole
+    model is put in eval mode (no dropout). With ``is_trainable=True`` A and
+    B train and each new layer keeps the train/eval mode of the layer it wraps.
 
     Returns:
         ``model``.
@@ -288,4 +294,8 @@ def load_adapter(
         with torch.no_grad():
             layer.lora_A.weight.copy_(A)
             layer.lora_B.weight.copy_(B)
+        layer.lora_A.requires_grad_(is_trainable)
+        layer.lora_B.requires_grad_(is_trainable)
+    if not is_trainable:
+        model.eval()
     return model

@@ -87,7 +87,9 @@ def inject_lora(
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Replace the ``nn.Linear`` layers that ``target_modules`` selects with
-    ``LoRALinear`` sharing their weights, and freeze everything else.
+    ``LoRALinear`` sharing their weights, and freeze everything else. Each new
+    layer takes the train/eval mode of the layer it replaces, so an evaluating
+    model stays free of dropout until ``model.train()``.
 
     Args:
         model: any ``nn.Module``; modified in place.

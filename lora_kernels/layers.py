@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 
 import torch
 from torch import nn
 
-from ._ops import BACKEND_NAMES
+from ._ops import BACKEND_NAMES, backend_for_device
 from .functional import lora_linear
+
+# peft's in-memory key of an adapter weight: lora_A.<adapter name>.weight.
+_PEFT_ADAPTER_KEY = re.compile(r"^lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
 def adapter_dtype_for(linear: nn.Linear, autocast_adapter_dtype: bool) -> torch.dtype | None:
@@ -25,8 +29,12 @@ class LoRALinear(nn.Module):
     """``y = base_layer(x) + scaling · lora_B(lora_A(dropout(x)))``, fused.
 
     Submodules ``base_layer``, ``lora_A`` and ``lora_B`` are ``nn.Linear``, so
-    the state-dict keys are peft's (``base_layer.weight``, ``base_layer.bias``,
-    ``lora_A.weight``, ``lora_B.weight``). The base layer is frozen.
+    ``state_dict()`` has the keys ``base_layer.weight``, ``base_layer.bias``,
+    ``lora_A.weight`` and ``lora_B.weight``: those of peft's adapter files.
+    ``load_state_dict`` also takes the state dict of a peft LoRA ``Linear``
+    layer, whose adapter keys carry the adapter's name
+    (``lora_A.<name>.weight``), for exactly one adapter name. The base layer
+    is frozen.
 
     Args:
         in_features, out_features: as ``nn.Linear``.
@@ -38,7 +46,9 @@ class LoRALinear(nn.Module):
         init_lora_weights: ``True`` (kaiming-uniform A, zero B: the layer starts
             equal to its base), ``"gaussian"`` (A ~ N(0, 1/r²) as peft, zero B) or
             ``False`` (A and B both random, for tests).
-        backend: "auto", "triton", "cuda", "cpu" or "torch".
+        backend: "auto", "triton", "cuda", "cpu" or "torch". A named backend
+            applies on the kind of device it is built for; on any other (the
+            layer moved with ``.to()``) the layer runs on "auto".
         adapter_dtype: dtype of A and B: the base layer's (default) or float32
             (what peft uses for fp16/bf16 models; see ``adapter_dtype_for``).
     """
@@ -105,13 +115,15 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, **kwargs) -> LoRALinear:
-        """Wrap an existing ``nn.Linear``, sharing it (not copying) as the base layer."""
+        """Wrap an existing ``nn.Linear``, sharing it (not copying) as the base
+        layer; the new layer takes its train/eval mode, so a layer wrapped in
+        an evaluating model applies no dropout."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         for key in ("bias", "device", "dtype"):
             if key in kwargs:
                 raise TypeError(f"from_linear takes {key} from the given layer; do not pass {key}=")
-        return cls(
+        layer = cls(
             linear.in_features,
             linear.out_features,
             r=r,
@@ -119,6 +131,7 @@ class LoRALinear(nn.Module):
             _base_layer=linear,
             **kwargs,
         )
+        return layer.train(linear.training)
 
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
         """Initialise A and B as peft does (B = 0 unless ``init_lora_weights`` is False)."""
@@ -182,6 +195,38 @@ class LoRALinear(nn.Module):
         self.base_layer.weight.sub_(self.get_delta_weight())
         self.merged = False
 
+    # state dicts -----------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Rename peft's in-memory adapter keys (lora_A.<adapter>.weight) to this
+        # layer's before the submodules load them.
+        renames: dict[str, dict[str, str]] = {}  # adapter name -> {peft key: our key}
+        for key in list(state_dict):
+            local = key[len(prefix) :]
+            if not key.startswith(prefix) or not local.startswith("lora_"):
+                continue
+            if local in ("lora_A.weight", "lora_B.weight"):
+                continue
+            match = _PEFT_ADAPTER_KEY.match(local)
+            if match is None:
+                raise ValueError(
+                    f"state dict key {key!r} is not part of a plain LoRA adapter (LoRALinear "
+                    "holds lora_A.weight and lora_B.weight only: no DoRA magnitude, lora_B "
+                    "bias or embedding adapter)"
+                )
+            renames.setdefault(match["adapter"], {})[key] = f"{prefix}lora_{match['which']}.weight"
+        if len(renames) > 1:
+            raise ValueError(
+                f"the state dict holds several peft adapters for {prefix or 'this layer'!r} "
+                f"({', '.join(sorted(renames))}); LoRALinear holds one: keep one adapter's keys"
+            )
+        for mapping in renames.values():
+            for peft_key, key in mapping.items():
+                if key in state_dict:
+                    raise ValueError(f"the state dict has both {peft_key!r} and {key!r}; keep one")
+                state_dict[key] = state_dict.pop(peft_key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # forward ---------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +240,7 @@ class LoRALinear(nn.Module):
             self.scaling,
             bias=self.base_layer.bias,
             dropout_p=self.lora_dropout if self.training else 0.0,
-            backend=self.backend,
+            backend=backend_for_device(self.backend, x.device),
         )
 
     def extra_repr(self) -> str:

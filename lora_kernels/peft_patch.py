@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ._ops import BACKEND_NAMES
+from ._ops import BACKEND_NAMES, backend_for_device
 from .functional import lora_linear
 
 # Instance attributes a patched layer carries.
@@ -136,7 +136,7 @@ def _patched_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
         layer.scaling[name],
         bias=base.bias,
         dropout_p=_dropout_p(layer.lora_dropout[name]),
-        backend=layer.__dict__[_BACKEND],
+        backend=backend_for_device(layer.__dict__[_BACKEND], x.device),
     )
 
 
@@ -162,7 +162,9 @@ def patch_peft(peft_model: nn.Module, *, backend: str = "auto") -> int:
 
     Args:
         peft_model: a ``PeftModel`` (or any module containing peft LoRA layers).
-        backend: the ``lora_linear`` backend ("auto", "triton", "cuda", "cpu", "torch").
+        backend: the ``lora_linear`` backend ("auto", "triton", "cuda", "cpu",
+            "torch"); a named one applies on the kind of device it is built
+            for, "auto" runs elsewhere (as for ``LoRALinear``).
 
     Returns:
         The number of layers that run on the fused op after this call

@@ -69,7 +69,7 @@ def test_peft_adapter_loads_here_with_rank_and_alpha_patterns(tmp_path):
     reference = peft.get_peft_model(copy.deepcopy(base), config)
     reference.save_pretrained(tmp_path)
 
-    model = load_adapter(copy.deepcopy(base), tmp_path)
+    model = load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert len(layers) == 6
     assert layers["model.layers.1.self_attn.q_proj"].r == 2
@@ -98,9 +98,47 @@ def test_round_trip_into_an_injected_model(tmp_path):
     randomise_adapters(trained)
     save_adapter(trained, tmp_path)
     fresh = inject_lora(copy.deepcopy(base), TARGETS, r=3, lora_alpha=6)
-    assert load_adapter(fresh, tmp_path) is fresh
-    for key, p in lora_parameters(fresh).items():
-        torch.testing.assert_close(p, lora_parameters(trained)[key], rtol=0, atol=0)
+    assert load_adapter(fresh, tmp_path, is_trainable=True) is fresh
+    loaded, expected = lora_parameters(fresh), lora_parameters(trained)
+    assert loaded.keys() == expected.keys() and len(loaded) == 2 * 2 * len(TARGETS)
+    for key, p in loaded.items():
+        torch.testing.assert_close(p, expected[key], rtol=0, atol=0)
+
+
+def lora_layer_states(model: torch.nn.Module) -> list[tuple[bool, bool, bool]]:
+    """(training, A trainable, B trainable) of every LoRALinear layer."""
+    return [
+        (m.training, m.lora_A.weight.requires_grad, m.lora_B.weight.requires_grad)
+        for m in model.modules()
+        if isinstance(m, LoRALinear)
+    ]
+
+
+def test_loaded_for_inference_unless_trainable(tmp_path):
+    # As PeftModel.from_pretrained: frozen adapters, the model in eval mode, so
+    # dropout is off and repeated calls agree; is_trainable=True trains them.
+    base = tiny_llama()
+    trained = inject_lora(copy.deepcopy(base), TARGETS, r=3, lora_alpha=6, lora_dropout=0.5)
+    randomise_adapters(trained)
+    save_adapter(trained, tmp_path)
+
+    model = load_adapter(copy.deepcopy(base).train(), tmp_path)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert lora_layer_states(model) == [(False, False, False)] * 2 * len(TARGETS)
+    assert not any(p.requires_grad for p in model.parameters())
+    batch = token_batch()
+    with torch.no_grad():
+        first, second = model(**batch).logits, model(**batch).logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+    trainable = load_adapter(copy.deepcopy(base).train(), tmp_path, is_trainable=True)
+    assert lora_layer_states(trainable) == [(True, True, True)] * 2 * len(TARGETS)
+    # Loading onto existing layers follows the same rule.
+    existing = inject_lora(copy.deepcopy(base).train(), TARGETS, r=3, lora_alpha=6)
+    load_adapter(existing, tmp_path)
+    assert lora_layer_states(existing) == [(False, False, False)] * 2 * len(TARGETS)
+    load_adapter(existing.train(), tmp_path, is_trainable=True)
+    assert lora_layer_states(existing) == [(True, True, True)] * 2 * len(TARGETS)
 
 
 def test_target_modules_saved_as_full_names_when_suffixes_would_overreach(tmp_path):
@@ -137,3 +175,30 @@ def test_merged_layers_must_be_unmerged_before_saving(tmp_path):
     model.model.layers[0].self_attn.q_proj.merge()
     with pytest.raises(ValueError, match="unmerge"):
         save_adapter(model, tmp_path)
+
+
+def test_model_state_dicts_interchange_with_peft():
+    # In memory, without files: the recipes docs/interop.md gives.
+    base = tiny_llama()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    ours = inject_lora(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8)
+    batch = token_batch()
+
+    # peft → lora_kernels: its whole state dict, the wrapper's prefix removed
+    # (adapter names inside the keys are accepted).
+    result = ours.load_state_dict(
+        {k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items()}
+    )
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=0, atol=0)
+
+    # lora_kernels → peft: the adapter keys with the prefix, through peft's own loader.
+    ours = inject_lora(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8, init_lora_weights=False)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    )
+    adapter = {f"base_model.model.{k}": v for k, v in ours.state_dict().items() if ".lora_" in k}
+    assert adapter.keys() == peft.get_peft_model_state_dict(theirs).keys()
+    assert not peft.set_peft_model_state_dict(theirs, adapter).unexpected_keys
+    torch.testing.assert_close(logits(theirs, batch), logits(ours, batch), rtol=0, atol=0)

@@ -18,6 +18,7 @@ from benchmarks.cases import (
     FORWARD,
     FORWARD_BACKWARD,
     INFERENCE,
+    PRESETS,
     Grid,
     Problem,
     Setting,
@@ -144,6 +145,63 @@ def test_correct_providers_pass(name, dropout):
     if provider.unsupported(setting):
         pytest.skip(provider.unsupported(setting))
     assert _validate(provider, setting) is None
+
+
+# peft's default for a bf16 layer: adapters in fp32. Every provider computes it
+# the way peft does and is checked against float64 like any other problem.
+FP32_ADAPTERS = Problem(96, 80, 128, 4, torch.bfloat16, True, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "name", ["base", "torch-naive", "peft", "addmm", "lora_kernels:torch", "lora_kernels:cpu"]
+)
+def test_providers_with_fp32_adapters_pass(name, dropout):
+    if name == "peft":
+        pytest.importorskip("peft")
+    (provider,) = select_providers((name,), "cpu")
+    setting = Setting(True, dropout)
+    if provider.unsupported(setting):
+        pytest.skip(provider.unsupported(setting))
+    t = make_tensors(FP32_ADAPTERS)
+    assert t.x.dtype == torch.bfloat16 and t.lora_A.dtype == t.lora_B.dtype == torch.float32
+    built = provider.build(t, setting)
+    if built.lora_A is not None:
+        assert built.lora_A.dtype == built.lora_B.dtype == torch.float32
+    assert validate(provider, built, setting, t, Reference(t), {}) is None
+
+
+def test_presets_measure_the_fp32_adapter_path():
+    # The path inject_lora/load_adapter/peft take for bf16 layers is a case of its own.
+    for name in ("quick", "full"):
+        problems = PRESETS[name].problems("cpu")
+        assert any(p.dtype == torch.bfloat16 and p.lora_dtype == torch.float32 for p in problems), (
+            name
+        )
+        assert any(p.dtype == p.lora_dtype for p in problems), name
+    # An fp32 adapter of an fp32 layer is the same problem, listed once.
+    grid = Grid(
+        ((8, 8),), (4,), (2,), (torch.float32,), (0.0,), (FORWARD,), None, False, ("same", "fp32")
+    )
+    assert len(grid.problems("cpu")) == 1
+
+
+def test_rows_record_the_adapter_dtype():
+    grid = Grid(
+        ((40, 24),),
+        (16,),
+        (3,),
+        (torch.bfloat16,),
+        (0.0,),
+        (FORWARD,),
+        ("base", "lora_kernels:torch"),
+        False,
+        ("same", "fp32"),
+    )
+    rows = Runner(grid, torch.device("cpu"), cpu_budget=TINY_BUDGET).run(progress=False)
+    assert sorted({r.adapter_dtype for r in rows}) == ["bf16", "fp32"]
+    assert all(r.status == report.OK for r in rows), rows
+    assert "bf16, fp32 adapters" in report.format_table(rows)
 
 
 def test_merged_passes_in_inference():
@@ -317,7 +375,7 @@ def test_results_round_trip_and_plots(tmp_path):
     assert "torch-naive" in report.format_table(rows)
     assert report.format_markdown(rows).count("| base |") == 5
     paths = plot.main(["--input", str(jsonl_path), "--output-dir", str(tmp_path)])
-    assert {p.name for p in paths} >= {"cpu_speedup_forward.png", "cpu_saved_memory.png"}
+    assert {p.name for p in paths} >= {"cpu_fp32_speedup_forward.png", "cpu_fp32_saved_memory.png"}
     assert all(p.stat().st_size > 0 for p in paths)
 
 
@@ -327,3 +385,23 @@ def test_naive_module_is_peft_math():
     assert isinstance(module.lora_dropout, nn.Dropout)
     expected = F.linear(t.x, t.weight, t.bias) + (t.x @ t.lora_A.t() @ t.lora_B.t()) * t.scaling
     torch.testing.assert_close(module(t.x), expected)
+
+
+def test_csv_is_rewritten_from_jsonl_when_columns_change(tmp_path):
+    rows = _tiny_run(providers=("base",))
+    meta = report.run_metadata(torch.device("cpu"), "test", ["--test"])
+    csv_path, _ = report.save(rows, meta, tmp_path)
+    # A table written before a column existed: older header, same runs in the JSONL.
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([lines[0].replace(",adapter_dtype", ""), *lines[1:]]) + "\n")
+    report.save(rows, meta, tmp_path)
+    header, *body = csv_path.read_text().splitlines()
+    assert header.split(",") == [*report.META_COLUMNS, *report.COLUMNS]
+    assert len(body) == 2 * len(rows) and not list(tmp_path.glob("*.before-*"))
+    # A table with rows the JSONL lacks is kept aside, not rewritten.
+    (tmp_path / report.JSONL_NAME).unlink()
+    csv_path.write_text("\n".join([lines[0].replace(",adapter_dtype", ""), *lines[1:]]) + "\n")
+    report.save(rows, meta, tmp_path)
+    (aside,) = tmp_path.glob("*.before-*")
+    assert aside.read_text().splitlines()[1:] == lines[1:]
+    assert len(csv_path.read_text().splitlines()) == 1 + len(rows)

@@ -89,6 +89,70 @@ def test_fp32_adapters_with_low_precision_x(device, backend, dtype):
     check_backend(device, backend, problem, dtype, adapter_dtype=torch.float32, dropout_p=0.1)
 
 
+def _rms_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+def _peft_fp32_branch(problem, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """peft's LoRA layer on a ``dtype`` base with fp32 adapters (its default for
+    fp16/bf16 models): y and the gradients, as run_lora returns them."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    p = problem.cast(dtype, torch.float32)
+    N, K = p.weight.shape
+    r = p.lora_A.shape[0]
+    base = torch.nn.Linear(K, N, device=p.x.device, dtype=dtype)
+    layer = PeftLoraLinear(base, "default", r=r, lora_alpha=p.scaling * r, config=peft.LoraConfig())
+    layer.lora_A.float()
+    layer.lora_B.float()
+    lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        for target, value in ((base.weight, p.weight), (base.bias, p.bias)):
+            target.copy_(value)
+        lora_A.copy_(p.lora_A)
+        lora_B.copy_(p.lora_B)
+    x = p.x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(p.grad_y)
+    return {"y": y.detach(), "dx": x.grad, "dlora_A": lora_A.grad, "dlora_B": lora_B.grad}
+
+
+# The fp32-adapter path (fp16/bf16 x and W0, fp32 A and B: peft's default) in
+# two measures, RMS relative per output:
+# - against float64 on the same rounded inputs, the arithmetic alone: peft's
+#   fp32 branch and the cpu/torch backends are exact to ~1e-7 in dA and dB; the
+#   triton backend's TF32 products round fp32 operands to 10 mantissa bits,
+#   ~3e-4 (bounded here by 2^-10); y and dx are rounded once to x's dtype;
+# - against float64 on the unrounded inputs, what a model in fp16/bf16 gets:
+#   the rounding of x and dy to their dtype (2^-9 bf16, 2^-12 fp16) dominates,
+#   and every output stays within 2× peft's fp32 branch.
+SAME_INPUTS_ERROR = {
+    torch.bfloat16: {"y": 2**-7, "dx": 2**-7, "dlora_A": 2**-10, "dlora_B": 2**-10},
+    torch.float16: {"y": 2**-10, "dx": 2**-10, "dlora_A": 2**-10, "dlora_B": 2**-10},
+}
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_fp32_adapter_path_error_vs_float64_and_peft(device, backend, dtype):
+    problem = make_problem(64, 256, 96, 16, device=device)
+    got = run_lora(problem.cast(dtype, torch.float32), backend)
+    assert got["dlora_A"].dtype == got["dlora_B"].dtype == torch.float32
+    same_inputs = run_lora(problem.cast(dtype, torch.float32).cast(torch.float64), "torch")
+    unrounded = run_lora(problem, "torch")
+    theirs = _peft_fp32_branch(problem, dtype)
+    for name, bound in SAME_INPUTS_ERROR[dtype].items():
+        arithmetic = _rms_error(got[name], same_inputs[name])
+        assert arithmetic <= bound, f"{name}: {arithmetic:.2e} vs float64 of the same inputs"
+        ours = _rms_error(got[name], unrounded[name])
+        peft_error = _rms_error(theirs[name], unrounded[name])
+        assert ours <= 2.0 * peft_error, f"{name}: {ours:.2e}, peft's fp32 branch {peft_error:.2e}"
+    # peft's own fp32 branch, for the record above: exact adapter gradients.
+    for name in ("dlora_A", "dlora_B"):
+        assert _rms_error(theirs[name], same_inputs[name]) < 1e-5
+
+
 @pytest.mark.parametrize(("device", "backend"), backend_params())
 def test_only_requested_gradients(device, backend):
     problem = make_problem(5, 16, 8, 2, device=device)
@@ -286,3 +350,17 @@ def test_autocast_backward(device, backend):
     torch.testing.assert_close(leaves[0].grad, expected["dx"].float(), rtol=0, atol=0)
     torch.testing.assert_close(leaves[1].grad, expected["dlora_A"], rtol=0, atol=0)
     torch.testing.assert_close(leaves[2].grad, expected["dlora_B"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_bitwise_reproducible_by_default(device, backend):
+    # Same inputs, seed and device → the same bits, with no setting needed. On a
+    # GPU the shape gives dB's reduction over M thousands of concurrent partial sums.
+    M, K, N = (4096, 512, 2048) if device == "cuda" else (70, 64, 48)
+    problem = make_problem(M, K, N, 16, device=device)
+    for dtype, adapter_dtype in ((torch.float32, None), (torch.bfloat16, torch.float32)):
+        p = problem.cast(dtype, adapter_dtype)
+        runs = [run_lora(p, backend, dropout_p=0.1) for _ in range(3)]
+        for run in runs[1:]:
+            for name, value in run.items():
+                assert torch.equal(value, runs[0][name]), f"{name} ({dtype}) differs between runs"

@@ -199,3 +199,22 @@ def test_adapter_dtype_must_fit_the_base_layer():
     assert LoRALinear(
         8, 4, dtype=torch.bfloat16, adapter_dtype=torch.float32
     ).lora_A.weight.dtype == (torch.float32)
+
+
+def test_injected_layers_take_the_mode_of_the_layers_they_replace():
+    # An evaluating model stays free of dropout: repeated no-grad calls agree.
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    inject_lora(model, ["0", "2"], r=4, lora_dropout=0.5, init_lora_weights=False)
+    assert [m.training for m in model.modules()] == [False] * len(list(model.modules()))
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+        model.train()  # training turns the adapters' dropout on
+        assert not torch.equal(model(x), model(x))
+
+    # Each new layer takes its own layer's mode.
+    mixed = TinyNet().train()
+    mixed.layers[1].q_proj.eval()
+    inject_lora(mixed, ["q_proj"], r=2)
+    assert mixed.layers[0].q_proj.training and not mixed.layers[1].q_proj.training
+    assert not any(m.training for m in mixed.layers[1].q_proj.modules())

@@ -4,6 +4,7 @@ training vs eval dropout, and equality with peft's own LoRA layer."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -168,3 +169,64 @@ def test_equals_peft_lora_linear(device, backend, lora_dropout):
     theirs.eval()
     x = torch.randn(6, 40, device=device)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# State dicts: peft's layer keys (adapter name inside) and its file keys
+# --------------------------------------------------------------------------
+
+
+def _peft_layer(adapter_name: str = "default", **config):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    layer = PeftLoraLinear(
+        nn.Linear(12, 7),
+        adapter_name,
+        r=3,
+        lora_alpha=6,
+        config=peft.LoraConfig(**config),
+        **config,
+    )
+    with torch.no_grad():
+        layer.lora_B[adapter_name].weight.normal_()
+    return layer.eval()
+
+
+@pytest.mark.parametrize("adapter_name", ["default", "my_task"])
+def test_loads_a_peft_layer_state_dict(adapter_name):
+    theirs = _peft_layer(adapter_name)
+    assert f"lora_A.{adapter_name}.weight" in theirs.state_dict()
+    ours = LoRALinear(12, 7, r=3, lora_alpha=6).eval()
+    result = ours.load_state_dict(theirs.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(ours(x), theirs(x))
+    # The same keys nested in a model, and the on-disk form (no adapter name).
+    model = nn.Sequential(LoRALinear(12, 7, r=3, lora_alpha=6))
+    model.load_state_dict({f"0.{k}": v for k, v in theirs.state_dict().items()})
+    torch.testing.assert_close(model.eval()(x), theirs(x))
+    on_disk = {k.replace(f".{adapter_name}.", "."): v for k, v in theirs.state_dict().items()}
+    assert LoRALinear(12, 7, r=3).load_state_dict(on_disk) is not None
+    assert set(ours.state_dict()) == set(on_disk)
+
+
+def test_refuses_peft_state_dicts_it_cannot_represent():
+    theirs = _peft_layer()
+    two = {**theirs.state_dict()}
+    two |= {k.replace(".default.", ".other."): v for k, v in theirs.state_dict().items()}
+    with pytest.raises(ValueError, match=r"several peft adapters.*default, other"):
+        LoRALinear(12, 7, r=3).load_state_dict(two)
+    both = {**theirs.state_dict(), "lora_A.weight": theirs.state_dict()["lora_A.default.weight"]}
+    with pytest.raises(
+        ValueError, match=re.escape("both 'lora_A.default.weight' and 'lora_A.weight'")
+    ):
+        LoRALinear(12, 7, r=3).load_state_dict(both)
+    # Even with strict=False: dropping DoRA's magnitude or lora_B's bias would
+    # silently compute something else.
+    dora = _peft_layer(use_dora=True).state_dict()
+    with pytest.raises(ValueError, match=r"lora_magnitude_vector.*not part of a plain LoRA"):
+        LoRALinear(12, 7, r=3).load_state_dict(dora, strict=False)
+    lora_bias = _peft_layer(lora_bias=True).state_dict()
+    with pytest.raises(ValueError, match=r"lora_B\.default\.bias.*not part of a plain LoRA"):
+        LoRALinear(12, 7, r=3).load_state_dict(lora_bias, strict=False)

@@ -4,6 +4,8 @@ float64, and torch.compile(fullgraph=True) of a LoRA training step."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,3 +167,24 @@ def test_backward_op_takes_inputs_that_require_grad(device, backend):
     )
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_compile_in_a_fresh_process():
+    # The first call of a compiled layer must not trace an import (of triton,
+    # or anything else the backend registry loads on demand).
+    code = (
+        "import torch, lora_kernels\n"
+        "for backend in ('auto', 'cpu', 'torch'):\n"
+        "    torch._dynamo.reset()\n"
+        "    layer = lora_kernels.LoRALinear(16, 8, r=2, init_lora_weights=False, backend=backend)\n"
+        "    x = torch.randn(4, 16)\n"
+        "    y = torch.compile(layer, fullgraph=True, backend='aot_eager')(x)\n"
+        "    torch.testing.assert_close(y, layer(x))\n"
+        "print('compiled')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONWARNINGS"] = "ignore"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Branch tests of the Triton kernels: split reductions on and off, tails in
 M/N/K, ranks 1/3/16/64 and rank chunking, every dtype, mixed adapter dtypes,
 strides, M = 0, the dropout mask bit-exact against the `torch` backend,
-deterministic mode, unrequested gradients, and argument errors.
+bitwise reproducibility, unrequested gradients, and argument errors.
 
 They run natively on a GPU and interpreted on the CPU (TRITON_INTERPRET=1,
 set by conftest.py), at shapes small enough for the interpreter. The `gpu`
@@ -38,7 +38,14 @@ if _REASON is None:
     import triton.language as tl
 
     from lora_kernels.triton_backend import _launch, ops
+    from lora_kernels.triton_backend._dot import _round_to_tf32
     from lora_kernels.triton_backend._dropout import keep_mask
+
+    @triton.jit
+    def _round_to_tf32_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(out_ptr + offs, _round_to_tf32(x), mask=offs < n)
 
     @triton.jit
     def _keep_mask_kernel(
@@ -135,9 +142,42 @@ def test_matches_oracle(M, K, N, r, bias, dtype, dropout_p):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fp32_adapters_with_low_precision_input(dtype):
-    # peft keeps adapters in fp32 under autocast: the rank-r dots run in fp32.
+    # peft keeps adapters in fp32 (its default for fp16/bf16 models).
     problem = make_problem(9, 44, 30, 5, device=DEVICE)
     check_against_oracle(problem, dtype, torch.float32, 0.1)
+
+
+def _tf32_rounded(t: torch.Tensor) -> torch.Tensor:
+    """fp32 → the nearest TF32 value, ties away from zero (cvt.rna.tf32.f32), as float64."""
+    bits = t.float().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32).double()
+
+
+def _rms_relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mixed_products_round_fp32_operands_to_tf32(dtype):
+    # fp16/bf16 inputs with fp32 adapters: S, dB and dA are the float64 products
+    # of the operands with every fp32 one rounded to the nearest TF32 value, up
+    # to fp32 accumulation (~1e-7) -- not full fp32 products, nor the truncated
+    # TF32 tensor cores make of raw fp32 bits (both ~3e-4 away).
+    M, K, N, p = 64, 96, 80, 0.2
+    problem = make_problem(M, K, N, 16, device=DEVICE)
+    seed = draw_seed(DEVICE)
+    got = run_ops(problem, "triton", dtype, torch.float32, p, seed)
+    c = problem.cast(dtype, torch.float32)
+    x_dropped = c.x.double() * dropout_keep_mask(seed, M, K, p).double() / (1.0 - p)
+    dS = c.scaling * (c.grad_y.double() @ _tf32_rounded(c.lora_B))
+    expected = {
+        "S": x_dropped @ _tf32_rounded(c.lora_A).t(),
+        "dB": c.scaling * (c.grad_y.double().t() @ _tf32_rounded(got["S"])),
+        "dA": _tf32_rounded(dS.float()).t() @ x_dropped,
+    }
+    for name, value in expected.items():
+        error = _rms_relative(got[name], value)
+        assert error < 2e-6, f"{name}: {error:.2e} from the TF32-rounded products"
 
 
 def test_rank_chunks(monkeypatch):
@@ -163,8 +203,8 @@ def test_split_reductions(monkeypatch, programs):
     monkeypatch.setattr(_launch, "reduction_split", recording)
     # Enough blocks in every reduction to split, for the interpreter's or a GPU's blocks.
     M, K, N = (40, 100, 72) if DEVICE == "cpu" else (200, 600, 600)
-    with deterministic_algorithms(monkeypatch):  # dB through its split pass too
-        check_against_oracle(make_problem(M, K, N, 4, device=DEVICE), torch.float32, None, 0.1)
+    # dB through its ordered split pass (the default).
+    check_against_oracle(make_problem(M, K, N, 4, device=DEVICE), torch.float32, None, 0.1)
     assert len(splits) == 4  # shrink, dS, dA, dB
     if programs == 1:
         assert splits == [1, 1, 1, 1]
@@ -289,21 +329,44 @@ def test_op_masks_match_torch_backend(K):
 # --------------------------------------------------------------------------
 
 
-def test_deterministic_mode(monkeypatch):
-    problem = make_problem(37, 48, 40, 8, device=DEVICE)
-    seed = draw_seed(DEVICE)
+def _count_ordered_grad_b_passes(monkeypatch) -> list:
     used = []
     real = ops.grad_b_pass
     monkeypatch.setattr(ops, "grad_b_pass", lambda *a: used.append(1) or real(*a))
-    with deterministic_algorithms(monkeypatch):
-        first = run_ops(problem, "triton", torch.float32, None, 0.2, seed)
-        second = run_ops(problem, "triton", torch.float32, None, 0.2, seed)
+    return used
+
+
+def test_reproducible_by_default(monkeypatch):
+    # Bitwise reproducible without any setting: dB from the ordered pass, not atomics.
+    monkeypatch.delenv("LORA_KERNELS_DETERMINISTIC", raising=False)
+    problem = make_problem(37, 48, 40, 8, device=DEVICE)
+    seed = draw_seed(DEVICE)
+    used = _count_ordered_grad_b_passes(monkeypatch)
+    first = run_ops(problem, "triton", torch.float32, None, 0.2, seed)
+    second = run_ops(problem, "triton", torch.float32, None, 0.2, seed)
     assert len(used) == 2
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_nondeterministic_reductions_are_opt_in(monkeypatch):
+    problem = make_problem(37, 48, 40, 8, device=DEVICE)
+    seed = draw_seed(DEVICE)
+    used = _count_ordered_grad_b_passes(monkeypatch)
+    ordered = run_ops(problem, "triton", torch.float32, None, 0.2, seed)
+    monkeypatch.setenv("LORA_KERNELS_DETERMINISTIC", "0")
     atomic = run_ops(problem, "triton", torch.float32, None, 0.2, seed)
-    assert len(used) == 2  # dB came from the atomics of the dy pass
-    torch.testing.assert_close(atomic["dB"], first["dB"], rtol=1e-5, atol=1e-5)
+    assert len(used) == 1  # the opted-in run took dB from the atomics of the dy pass
+    torch.testing.assert_close(atomic["dB"], ordered["dB"], rtol=1e-5, atol=1e-5)
+    # torch's deterministic mode overrides the opt-in.
+    with deterministic_algorithms(monkeypatch):
+        again = run_ops(problem, "triton", torch.float32, None, 0.2, seed)
+    assert len(used) == 2
+    for name in ordered:
+        assert torch.equal(again[name], ordered[name]), name
+    monkeypatch.setenv("LORA_KERNELS_DETERMINISTIC", "yes")
+    with pytest.raises(ValueError, match="LORA_KERNELS_DETERMINISTIC='yes'"):
+        run_ops(problem, "triton", torch.float32, None, 0.2, seed)
 
 
 @pytest.mark.parametrize("needed", range(5), ids=OUTPUTS)
@@ -390,9 +453,12 @@ def test_import_without_triton():
 # the compiler rejects (dot layouts, dtypes, constexpr branches).
 _AOT_COMPILE = """
 import sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from lora_kernels.triton_backend import backward_da, backward_dx, backward_dy, forward_gemm, shrink
+from lora_kernels.triton_backend import (
+    _launch, backward_da, backward_dx, backward_dy, forward_gemm, shrink,
+)
 
 def compile_kernel(kernel, pointers, constexprs, capability, num_warps=4):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -412,48 +478,56 @@ def compile_kernel(kernel, pointers, constexprs, capability, num_warps=4):
 
 capability = int(sys.argv[1])
 quick = sys.argv[2] == "quick"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def precision(x, *operands):
+    return _launch.dot_precision(DTYPES[x], *(DTYPES[name] for name in operands))
+
+
 for x, adapter in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32"))[:: 2 if quick else 1]:
-    fp32_lora = "fp32" in (x, adapter)
-    fp32_gemm = x == "fp32"
     drop = {"DROPOUT": True, "QUAD_ALIGNED": x == "bf16"}
+    # fp32 inputs: the forward GEMM takes the TF32 path, the others full fp32.
+    base_precision = "tf32" if x == "fp32" else precision(x, x)
     compile_kernel(
         shrink._shrink_kernel,
         {"x_ptr": x, "a_ptr": adapter, "s_ptr": "fp32", "seed_ptr": "i64"},
-        dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=32, FP32_DOT=fp32_lora, ALLOW_TF32=False, **drop),
+        dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=32, PRECISION=precision(x, adapter), **drop),
         capability,
     )
     compile_kernel(
         forward_gemm._forward_kernel,
         {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "s_ptr": "fp32", "b_ptr": adapter, "y_ptr": x},
-        dict(HAS_BIAS=True, FP32_DOT=fp32_gemm, ALLOW_TF32=True, BLOCK_R=16, BLOCK_M=64,
-             BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        dict(HAS_BIAS=True, LORA_PRECISION=precision(x, "fp32", adapter),
+             BASE_PRECISION=base_precision, BLOCK_R=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32,
+             GROUP_M=8),
         capability,
     )
     compile_kernel(
         backward_dy._dy_pass_kernel,
         {"dy_ptr": x, "b_ptr": adapter, "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32"},
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, COMPUTE_DB=True, FP32_DOT=fp32_lora,
-             ALLOW_TF32=False),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, COMPUTE_DB=True,
+             DS_PRECISION=precision(x, adapter), DB_PRECISION=precision(x, "fp32")),
         capability,
     )
     compile_kernel(
         backward_dy._grad_b_kernel,
         {"dy_ptr": x, "s_ptr": "fp32", "db_ptr": "fp32"},
-        dict(BLOCK_N=64, BLOCK_M=64, BLOCK_R=16, ALLOW_TF32=False),
+        dict(BLOCK_N=64, BLOCK_M=64, BLOCK_R=16, PRECISION=precision(x, "fp32")),
         capability,
     )
     compile_kernel(
         backward_da._grad_a_kernel,
         {"ds_ptr": "fp32", "x_ptr": x, "seed_ptr": "i64", "da_ptr": "fp32"},
-        dict(BLOCK_K=64, BLOCK_M=64, BLOCK_R=16, ALLOW_TF32=False, **drop),
+        dict(BLOCK_K=64, BLOCK_M=64, BLOCK_R=16, PRECISION=precision(x, "fp32"), **drop),
         capability,
     )
     compile_kernel(
         backward_dx._grad_x_kernel,
         {"dy_ptr": x, "w_ptr": x, "ds_ptr": "fp32", "a_ptr": adapter, "seed_ptr": "i64",
          "dx_ptr": x},
-        dict(FP32_DOT=fp32_gemm, ALLOW_TF32=False, BLOCK_R=16, BLOCK_M=64, BLOCK_K=64,
-             BLOCK_N=32, GROUP_M=8, **drop),
+        dict(LORA_PRECISION=precision(x, "fp32", adapter), BASE_PRECISION=precision(x, x),
+             BLOCK_R=16, BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, GROUP_M=8, **drop),
         capability,
     )
 print("compiled")
@@ -484,6 +558,38 @@ def test_kernels_compile_for_gpu(capability):
         timeout=600,
     )
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+def test_dot_precision_rule(monkeypatch):
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    # fp16/bf16 inputs: tensor cores always, TF32 where an operand is fp32
+    # (fp32 adapters, S, dS), whatever torch's fp32 matmul setting.
+    assert _launch.dot_precision(bf16, bf16) == "native"
+    assert _launch.dot_precision(fp16, fp16, fp16) == "native"
+    assert _launch.dot_precision(bf16, fp32) == "tf32_round"
+    assert _launch.dot_precision(fp16, fp32, fp16) == "tf32_round"
+    # fp32 inputs follow torch: full fp32 by default, TF32 when allowed.
+    monkeypatch.setattr(_launch, "allow_tf32", lambda: False)
+    assert _launch.dot_precision(fp32, fp32) == "ieee"
+    assert _launch.dot_precision(bf16, fp32) == "tf32_round"
+    monkeypatch.setattr(_launch, "allow_tf32", lambda: True)
+    assert _launch.dot_precision(fp32, fp32) == "tf32"
+
+
+def test_tf32_rounding_is_to_nearest():
+    # fp32 operands of TF32 dots are rounded to nearest (ties away from zero),
+    # as cvt.rna.tf32.f32 does on the GPU, not truncated.
+    x = torch.randn(2000, device=DEVICE) * torch.logspace(-20, 20, 2000, device=DEVICE)
+    tf32 = (x.view(torch.int32) & ~0x1FFF).view(torch.float32)  # already TF32 values
+    ties = (tf32.view(torch.int32) | 0x1000).view(torch.float32)  # halfway to the next one
+    out = torch.empty_like(x)
+    _round_to_tf32_kernel[(1,)](x, out, x.numel(), BLOCK=2048)
+    rounded_ties = torch.empty_like(x)
+    _round_to_tf32_kernel[(1,)](ties, rounded_ties, x.numel(), BLOCK=2048)
+    assert torch.all(out.view(torch.int32) & 0x1FFF == 0)  # 10 mantissa bits left
+    ulp = 2.0 ** (torch.frexp(x.double())[1] - 11)  # of a 10-bit mantissa
+    assert torch.all((out.double() - x.double()).abs() <= ulp / 2)  # nearest
+    assert torch.all(rounded_ties.abs() > ties.abs())  # away from zero
 
 
 def test_fit_pipeline(monkeypatch):

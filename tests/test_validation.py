@@ -111,6 +111,52 @@ def test_backend_environment_variable(monkeypatch):
         _call()
 
 
+@pytest.mark.parametrize("forced", ["cuda", "triton"])
+def test_backend_variable_applies_only_to_the_devices_of_its_backend(monkeypatch, forced):
+    # LORA_KERNELS_BACKEND=cuda must not break CPU tensors: they run on auto's choice.
+    backend = lora_kernels._ops.get_backend(forced)
+    x = torch.randn(3, 8)
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    auto = lora_kernels._ops.resolve_backend("auto", x).name
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", forced)
+    chosen = lora_kernels._ops.resolve_backend("auto", x).name
+    # triton serves CPU tensors under the interpreter (the test suite sets it on CPU machines).
+    assert chosen == (forced if backend.serves(x.device) else auto)
+    layer = LoRALinear(8, 4, r=2)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+    y = _call()
+    assert y.shape == (4, 6) and torch.isfinite(y).all()
+    # Named in the call itself, a backend that cannot run the input still raises.
+    if not backend.serves(x.device):
+        with pytest.raises(RuntimeError, match=f"backend '{forced}' cannot run this input"):
+            _call(backend=forced)
+
+
+def test_layer_backend_applies_to_the_devices_of_its_backend():
+    # A layer built for the cuda backend and used on the CPU (moved there, or
+    # loaded without a GPU) runs on auto; on a device its backend serves it is strict.
+    x = torch.randn(3, 8)
+    layer = LoRALinear(8, 4, r=2, init_lora_weights=False, backend="cuda")
+    expected = LoRALinear(8, 4, r=2, backend="auto")
+    expected.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x), expected(x), rtol=0, atol=0)
+    assert lora_kernels._ops.backend_for_device("cuda", x.device) == "auto"
+    assert lora_kernels._ops.backend_for_device("cpu", x.device) == "cpu"
+    assert lora_kernels._ops.backend_for_device("torch", torch.device("meta")) == "torch"
+
+
+def test_named_backend_is_strict_on_its_own_devices():
+    # triton serves this machine's test device (CUDA, or the CPU under the
+    # interpreter) but takes no float64: a clear error, not a silent fallback.
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(3, 8)
+    strict = LoRALinear(8, 4, r=2, backend="triton", device=device, dtype=torch.float64)
+    assert lora_kernels._ops.backend_for_device("triton", torch.device(device)) == "triton"
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run this input"):
+        strict(x.to(device, torch.float64))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -221,3 +267,12 @@ def test_cpp_entry_points_check_arguments(case):
     call, overrides, message = CPP_BAD_INPUTS[case]
     with pytest.raises(RuntimeError, match=re.escape(message)):
         call(**overrides)
+
+
+@pytest.mark.gpu
+def test_cpu_backend_choices_do_not_apply_to_gpu_tensors(monkeypatch):
+    x = torch.randn(3, 8, device="cuda")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "cpu")
+    assert lora_kernels._ops.resolve_backend("auto", x).name in ("triton", "cuda")
+    layer = LoRALinear(8, 4, r=2, backend="cpu").cuda()
+    torch.testing.assert_close(layer(x), layer.base_layer(x))

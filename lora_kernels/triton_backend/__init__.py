@@ -26,6 +26,9 @@ if _TRITON_ERROR is None:
     from .ops import triton_lora_backward, triton_lora_forward
 
 _DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+# Compiled kernels serve CUDA tensors; under the interpreter (decided when the
+# kernels are decorated, at import) they serve CPU tensors instead.
+_DEVICE_TYPES = frozenset({"cpu"} if _TRITON_ERROR is None and _launch.INTERPRETED else {"cuda"})
 # bf16 tl.dot needs Ampere or newer; older GPUs fall back to the other backends.
 _MIN_CAPABILITY = (8, 0)
 
@@ -58,7 +61,9 @@ def unavailable(device: torch.device) -> str | None:
 
 if _TRITON_ERROR is None:
     register_backend(
-        Backend("triton", triton_lora_forward, triton_lora_backward, unavailable, _DTYPES)
+        Backend(
+            "triton", triton_lora_forward, triton_lora_backward, unavailable, _DTYPES, _DEVICE_TYPES
+        )
     )
 else:
-    register_backend(Backend("triton", None, None, unavailable, _DTYPES))
+    register_backend(Backend("triton", None, None, unavailable, _DTYPES, _DEVICE_TYPES))

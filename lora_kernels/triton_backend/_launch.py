@@ -1,5 +1,5 @@
 """Host-side launch decisions shared by the Triton kernels: block sizes for the
-rank dimension, how far to split a reduction, the fp32 dot precision, and
+rank dimension, how far to split a reduction, the precision of each dot, and
 whether the kernels run in Triton's interpreter."""
 
 from __future__ import annotations
@@ -83,6 +83,23 @@ def allow_tf32() -> bool:
     if precision == "none":
         precision = getattr(torch.backends, "fp32_precision", "none")
     return precision == "tf32"
+
+
+def dot_precision(compute_dtype: torch.dtype, *operands: torch.dtype) -> str:
+    """Precision of a product of a call with inputs in ``compute_dtype`` (x's
+    dtype) whose operands have the dtypes ``operands`` (see ``_dot.py``).
+
+    fp32 inputs: fp32 products, TF32 only where torch's matmul setting allows
+    it. fp16/bf16 inputs: tensor cores always -- in the input dtype when
+    every operand has it ("native"), else in TF32 with the fp32 operand
+    rounded to nearest ("tf32_round": S, dS, or adapters kept in fp32 as peft
+    does); fp16/bf16 operands are exact in TF32. Accumulation is fp32.
+    """
+    if compute_dtype == torch.float32:
+        return "tf32" if allow_tf32() else "ieee"
+    if all(dtype == compute_dtype for dtype in operands):
+        return "native"
+    return "tf32_round"
 
 
 # Used when torch cannot report the opt-in limit: the smallest of current GPUs

@@ -4,7 +4,8 @@ A program owns a column tile of dA (all ranks of a rank chunk) and runs down
 the offs_m of x, masking each x tile in registers as the shrink did; the
 1/(1−p) factor is applied once at the end. M is split across programs when
 the column tiles alone cannot fill the GPU, and the fp32 partial sums are
-added in a fixed order (deterministic). The dot runs in fp32 (dS is fp32).
+added in a fixed order (deterministic). dS is fp32, so the dot runs in TF32
+for fp16/bf16 inputs (``_launch.dot_precision``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _grad_a_kernel(
     BLOCK_R: tl.constexpr,
     DROPOUT: tl.constexpr,
     QUAD_ALIGNED: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Program (column tile, rank chunk, M split) -> dA[ranks, cols] (or its
     # partial sum over the split's offs_m).
@@ -86,7 +87,7 @@ def _grad_a_kernel(
             mask=mask_r[:, None] & mask_m[None, :],
             other=0.0,
         )
-        da = mixed_dot(ds_t, x, da, True, ALLOW_TF32)
+        da = mixed_dot(ds_t, x, da, PRECISION)
     if DROPOUT:
         da = da * keep_scale
     tl.store(
@@ -140,7 +141,7 @@ def grad_a_pass(dS: torch.Tensor, x: torch.Tensor, dropout: DropoutArgs) -> torc
         BLOCK_R=block_r,
         DROPOUT=dropout.enabled,
         QUAD_ALIGNED=quad_aligned(K),
-        ALLOW_TF32=_launch.allow_tf32(),
+        PRECISION=_launch.dot_precision(x.dtype, dS.dtype),
         num_warps=4,
         num_stages=stages,
     )

@@ -1,7 +1,7 @@
 """dx = dy·W0 + D⊙(dS·A)/(1−p) in one GEMM.
 
 Each output tile (rows of x × input features) first computes its LoRA term
-dS·A over the rank in fp32, applies the regenerated dropout mask and 1/(1−p)
+dS·A over the rank (dS is fp32: TF32 for fp16/bf16 inputs), applies the regenerated dropout mask and 1/(1−p)
 to that term alone, and then uses it as the initial accumulator of the base
 GEMM dy·W0, which runs over the output features. The LoRA term thus has its
 own accumulation (the mask never touches dy·W0) without holding a second
@@ -56,8 +56,8 @@ def _grad_x_kernel(
     keep_scale,
     DROPOUT: tl.constexpr,
     QUAD_ALIGNED: tl.constexpr,
-    FP32_DOT: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -84,7 +84,7 @@ def _grad_x_kernel(
             mask=mask_r[:, None],
             other=0.0,
         )
-        acc = mixed_dot(ds, a, acc, True, ALLOW_TF32)
+        acc = mixed_dot(ds, a, acc, LORA_PRECISION)
     if DROPOUT:
         # The mask of the tile's true (unwrapped) rows and columns.
         keep = keep_mask(
@@ -105,7 +105,7 @@ def _grad_x_kernel(
             mask=mask_n[:, None],
             other=0.0,
         )
-        acc = mixed_dot(dy, w, acc, FP32_DOT, ALLOW_TF32)
+        acc = mixed_dot(dy, w, acc, BASE_PRECISION)
 
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
@@ -157,8 +157,8 @@ def grad_x_gemm(
         dropout.keep_scale,
         DROPOUT=dropout.enabled,
         QUAD_ALIGNED=quad_aligned(K),
-        FP32_DOT=x.dtype == torch.float32,
-        ALLOW_TF32=_launch.allow_tf32(),
+        LORA_PRECISION=_launch.dot_precision(x.dtype, dS.dtype, lora_A.dtype),
+        BASE_PRECISION=_launch.dot_precision(x.dtype, grad_y.dtype, weight.dtype),
         BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
     )
     return dx

@@ -1,12 +1,15 @@
 """The rank-r gradients read off dy: dS = s·dy·B (M×r) and dB = s·dyᵀ·S (N×r).
 
-``dy_pass`` reads dy once for both: a program owns a row tile, sweeps its
-columns accumulating dS in registers, and adds each column tile's dB
-contribution (dyᵀ·S of its offs_m) into an fp32 buffer with atomics. Atomic
-order varies from run to run, so under ``torch.use_deterministic_algorithms``
-dB comes instead from ``grad_b_pass``, a second read of dy where each program
-owns a tile of dB and the split reduction over M is summed in a fixed order.
-Both accumulate in fp32; dB's dots run in fp32 (S is fp32).
+``dy_pass`` reads dy once for dS: a program owns a row tile and sweeps its
+columns accumulating dS in registers. By default dB comes from
+``grad_b_pass``, a second read of dy where each program owns a tile of dB and
+the split reduction over M is summed in a fixed order (bitwise reproducible).
+Where non-deterministic reductions are allowed (``lora_kernels._determinism``)
+the dy pass also adds each column tile's dB contribution (dyᵀ·S of its
+offs_m) into an fp32 buffer with atomics, saving that second read at the
+cost of a summation order that varies from run to run.
+Both accumulate in fp32; dB's dots take S in fp32, so they run in TF32 for
+fp16/bf16 inputs (``_launch.dot_precision``).
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ def _dy_pass_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
-    FP32_DOT: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
+    DS_PRECISION: tl.constexpr,
+    DB_PRECISION: tl.constexpr,
 ):
     # Program (row tile, rank chunk, N split) -> dS[offs_m, ranks] (or its partial
     # sum over the split's columns), and dB contributions of its offs_m.
@@ -82,10 +85,10 @@ def _dy_pass_kernel(
             mask=mask_n[:, None] & mask_r[None, :],
             other=0.0,
         )
-        ds = mixed_dot(dy, b, ds, FP32_DOT, ALLOW_TF32)
+        ds = mixed_dot(dy, b, ds, DS_PRECISION)
         if COMPUTE_DB:
             db = mixed_dot(
-                tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, ALLOW_TF32
+                tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DB_PRECISION
             )
             tl.atomic_add(
                 db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
@@ -123,7 +126,7 @@ def _grad_b_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Program (column tile, rank chunk, M split) -> dB[cols, ranks] (or its
     # partial sum over the split's offs_m).
@@ -151,7 +154,7 @@ def _grad_b_kernel(
             mask=mask_m[:, None] & mask_r[None, :],
             other=0.0,
         )
-        db = mixed_dot(dy_t, s, db, True, ALLOW_TF32)
+        db = mixed_dot(dy_t, s, db, PRECISION)
     tl.store(
         db_ptr
         + pid_split * stride_db_split
@@ -220,8 +223,8 @@ def dy_pass(
         BLOCK_N=block_n,
         BLOCK_R=block_r,
         COMPUTE_DB=with_grad_b,
-        FP32_DOT=torch.float32 in (grad_y.dtype, lora_B.dtype),
-        ALLOW_TF32=_launch.allow_tf32(),
+        DS_PRECISION=_launch.dot_precision(grad_y.dtype, lora_B.dtype),
+        DB_PRECISION=_launch.dot_precision(grad_y.dtype, S.dtype),
         num_warps=4,
         num_stages=stages,
     )
@@ -262,7 +265,7 @@ def grad_b_pass(grad_y: torch.Tensor, S: torch.Tensor, scaling: float) -> torch.
         BLOCK_N=block_n,
         BLOCK_M=block_m,
         BLOCK_R=block_r,
-        ALLOW_TF32=_launch.allow_tf32(),
+        PRECISION=_launch.dot_precision(grad_y.dtype, S.dtype),
         num_warps=4,
         num_stages=stages,
     )

@@ -1,8 +1,8 @@
 """Forward GEMM: y = x·W0ᵀ + s·S·Bᵀ + b in one kernel.
 
-Each output tile first computes its rank-r product s·S·Bᵀ (S cast to x's
-dtype, as the reference expands it) and uses it as the initial accumulator of
-the base GEMM, so the LoRA term costs r/K of the tile's work and no extra
+Each output tile first computes its rank-r product s·S·Bᵀ (S is fp32, so
+in TF32 for fp16/bf16 inputs: ``_launch.dot_precision``) and uses it as the
+initial accumulator of the base GEMM, so the LoRA term costs r/K of the tile's work and no extra
 pass over y. Bias is added in the epilogue, in fp32, before the one rounding
 to x's dtype. Tiles are visited in grouped order; rows and columns past the
 edge are wrapped into range on load and masked on store, K tails are masked.
@@ -52,8 +52,8 @@ def _forward_kernel(
     stride_bias,
     scaling,
     HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -82,7 +82,7 @@ def _forward_kernel(
             mask=mask_r[:, None],
             other=0.0,
         )
-        acc = mixed_dot(s.to(y_ptr.dtype.element_ty), b_t, acc, FP32_DOT, ALLOW_TF32)
+        acc = mixed_dot(s, b_t, acc, LORA_PRECISION)
     acc = acc * scaling
 
     for k0 in range(0, K, BLOCK_K):
@@ -98,7 +98,7 @@ def _forward_kernel(
             mask=mask_k[:, None],
             other=0.0,
         )
-        acc = mixed_dot(x, w_t, acc, FP32_DOT, ALLOW_TF32)
+        acc = mixed_dot(x, w_t, acc, BASE_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
@@ -151,8 +151,8 @@ def forward_gemm(
         bias.stride(0) if bias is not None else 0,
         scaling,
         HAS_BIAS=bias is not None,
-        FP32_DOT=x.dtype == torch.float32,
-        ALLOW_TF32=_launch.allow_tf32(),
+        LORA_PRECISION=_launch.dot_precision(x.dtype, S.dtype, lora_B.dtype),
+        BASE_PRECISION=_launch.dot_precision(x.dtype, weight.dtype),
         BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
     )
     return y

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch.library import triton_op
 
+from .._determinism import deterministic
 from .._ops import register_op_pair
 from ._checks import check_backward_args, check_forward_args
 from ._dropout import DropoutArgs
@@ -89,8 +90,9 @@ def triton_lora_backward(
             return grad_x, grad_w, grad_b, grad_A, grad_B
 
         dropout = DropoutArgs.of(dropout_p, seed, x)
-        # Atomics make dB's summation order vary; deterministic mode reads dy again instead.
-        grad_b_in_dy_pass = need_bb and not torch.are_deterministic_algorithms_enabled()
+        # dB in the dy pass is reduced with atomics, whose order varies from run
+        # to run: only when allowed; by default a second, ordered pass reads dy.
+        grad_b_in_dy_pass = need_bb and not deterministic()
         if need_x or need_a:
             dS, dB = dy_pass(grad_y, lora_B, S, scaling, with_grad_b=grad_b_in_dy_pass)
             if need_a:

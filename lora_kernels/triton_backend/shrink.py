@@ -42,8 +42,7 @@ def _shrink_kernel(
     BLOCK_R: tl.constexpr,
     DROPOUT: tl.constexpr,
     QUAD_ALIGNED: tl.constexpr,
-    FP32_DOT: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Program (row tile, rank chunk, K split) -> S[offs_m, ranks] (or its partial sum).
     pid_m = tl.program_id(0)
@@ -84,7 +83,7 @@ def _shrink_kernel(
             mask=mask_k[:, None] & mask_r[None, :],
             other=0.0,
         )
-        acc = mixed_dot(x, a_t, acc, FP32_DOT, ALLOW_TF32)
+        acc = mixed_dot(x, a_t, acc, PRECISION)
     if DROPOUT:
         acc = acc * keep_scale
     tl.store(
@@ -144,8 +143,7 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutArgs) -> torch
         BLOCK_R=block_r,
         DROPOUT=dropout.enabled,
         QUAD_ALIGNED=quad_aligned(K),
-        FP32_DOT=torch.float32 in (x.dtype, lora_A.dtype),
-        ALLOW_TF32=_launch.allow_tf32(),
+        PRECISION=_launch.dot_precision(x.dtype, lora_A.dtype),
         num_warps=4,
         num_stages=stages,
     )
