@@ -135,39 +135,28 @@ def test_saved_bytes_of_lora_kernels_is_S_and_seed():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("name", ["base", "torch-naive", "peft", "addmm", "lora_kernels:torch"])
-def test_correct_providers_pass(name, dropout):
-    if name == "peft":
-        pytest.importorskip("peft")
-    (provider,) = select_providers((name,), "cpu")
-    setting = Setting(True, dropout)
-    if provider.unsupported(setting):
-        pytest.skip(provider.unsupported(setting))
-    assert _validate(provider, setting) is None
-
-
 # peft's default for a bf16 layer: adapters in fp32. Every provider computes it
-# the way peft does and is checked against float64 like any other problem.
+# as its docstring says and is checked against float64 like any other problem.
 FP32_ADAPTERS = Problem(96, 80, 128, 4, torch.bfloat16, True, "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("problem", [PROBLEM, FP32_ADAPTERS], ids=["fp32", "bf16-fp32-adapters"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize(
     "name", ["base", "torch-naive", "peft", "addmm", "lora_kernels:torch", "lora_kernels:cpu"]
 )
-def test_providers_with_fp32_adapters_pass(name, dropout):
+def test_correct_providers_pass(name, dropout, problem):
     if name == "peft":
         pytest.importorskip("peft")
     (provider,) = select_providers((name,), "cpu")
     setting = Setting(True, dropout)
     if provider.unsupported(setting):
         pytest.skip(provider.unsupported(setting))
-    t = make_tensors(FP32_ADAPTERS)
-    assert t.x.dtype == torch.bfloat16 and t.lora_A.dtype == t.lora_B.dtype == torch.float32
+    t = make_tensors(problem)
+    assert t.x.dtype == problem.dtype and t.lora_A.dtype == t.lora_B.dtype == problem.lora_dtype
     built = provider.build(t, setting)
     if built.lora_A is not None:
-        assert built.lora_A.dtype == built.lora_B.dtype == torch.float32
+        assert built.lora_A.dtype == built.lora_B.dtype == problem.lora_dtype
     assert validate(provider, built, setting, t, Reference(t), {}) is None
 
 
