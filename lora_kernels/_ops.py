@@ -203,24 +203,18 @@ def _extension_unavailable(device_type: str) -> Callable[[torch.device], str | N
 _BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", torch_lora_forward, torch_lora_backward, lambda device: None),
 }
-if _extension.available():
-    for _device_type in ("cpu", "cuda"):
-        _BACKENDS[_device_type] = Backend(
-            _device_type,
-            torch.ops.lora_kernels.lora_forward.default,
-            torch.ops.lora_kernels.lora_backward.default,
-            _extension_unavailable(_device_type),
-            device_types=frozenset({_device_type}),
-        )
-else:
-    for _device_type in ("cpu", "cuda"):
-        _BACKENDS[_device_type] = Backend(
-            _device_type,
-            None,
-            None,
-            _extension_unavailable(_device_type),
-            device_types=frozenset({_device_type}),
-        )
+_EXTENSION_OPS = (
+    (torch.ops.lora_kernels.lora_forward.default, torch.ops.lora_kernels.lora_backward.default)
+    if _extension.available()
+    else (None, None)
+)
+for _device_type in ("cpu", "cuda"):
+    _BACKENDS[_device_type] = Backend(
+        _device_type,
+        *_EXTENSION_OPS,
+        _extension_unavailable(_device_type),
+        device_types=frozenset({_device_type}),
+    )
 
 
 def register_backend(backend: Backend) -> None:
