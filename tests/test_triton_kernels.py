@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -37,9 +38,12 @@ if _REASON is None:
     import triton
     import triton.language as tl
 
-    from lora_kernels.triton_backend import _launch, ops
+    from lora_kernels.triton_backend import _gemm_configs, _launch, ops
     from lora_kernels.triton_backend._dot import _round_to_tf32
-    from lora_kernels.triton_backend._dropout import keep_mask
+    from lora_kernels.triton_backend._dropout import DropoutArgs, keep_mask
+    from lora_kernels.triton_backend.backward_da import grad_a_pass
+    from lora_kernels.triton_backend.backward_dy import dy_pass, grad_b_pass
+    from lora_kernels.triton_backend.shrink import shrink
 
     @triton.jit
     def _round_to_tf32_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -159,24 +163,32 @@ def _rms_relative(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_mixed_products_round_fp32_operands_to_tf32(dtype):
-    # fp16/bf16 inputs with fp32 adapters: S, dB and dA are the float64 products
-    # of the operands with every fp32 one rounded to the nearest TF32 value, up
-    # to fp32 accumulation (~1e-7) -- not full fp32 products, nor the truncated
-    # TF32 tensor cores make of raw fp32 bits (both ~3e-4 away).
-    M, K, N, p = 64, 96, 80, 0.2
-    problem = make_problem(M, K, N, 16, device=DEVICE)
+    # fp16/bf16 inputs with fp32 adapters: each rank-r product equals the float64
+    # product of its operands with every fp32 one rounded to the nearest TF32
+    # value, up to fp32 accumulation (~1e-7) -- not full fp32 products, nor the
+    # truncated TF32 tensor cores make of raw fp32 bits (both ~3e-4 away).
+    M, K, N, r, p = 64, 96, 80, 16, 0.2
+    c = make_problem(M, K, N, r, device=DEVICE).cast(dtype, torch.float32)
     seed = draw_seed(DEVICE)
-    got = run_ops(problem, "triton", dtype, torch.float32, p, seed)
-    c = problem.cast(dtype, torch.float32)
+    dropout = DropoutArgs.of(p, seed, c.x)
+    S = shrink(c.x, c.lora_A, dropout)
+    dS, _ = dy_pass(c.grad_y, c.lora_B, S, c.scaling, with_grad_b=False)
+    kernels = {
+        "S": S,
+        "dS": dS,
+        "dB": grad_b_pass(c.grad_y, S, c.scaling),
+        "dA": grad_a_pass(dS, c.x, dropout),
+    }
     x_dropped = c.x.double() * dropout_keep_mask(seed, M, K, p).double() / (1.0 - p)
-    dS = c.scaling * (c.grad_y.double() @ _tf32_rounded(c.lora_B))
+    dy = c.grad_y.double()
     expected = {
         "S": x_dropped @ _tf32_rounded(c.lora_A).t(),
-        "dB": c.scaling * (c.grad_y.double().t() @ _tf32_rounded(got["S"])),
-        "dA": _tf32_rounded(dS.float()).t() @ x_dropped,
+        "dS": c.scaling * (dy @ _tf32_rounded(c.lora_B)),
+        "dB": c.scaling * (dy.t() @ _tf32_rounded(S)),
+        "dA": _tf32_rounded(dS).t() @ x_dropped,
     }
     for name, value in expected.items():
-        error = _rms_relative(got[name], value)
+        error = _rms_relative(kernels[name], value)
         assert error < 2e-6, f"{name}: {error:.2e} from the TF32-rounded products"
 
 
@@ -448,90 +460,13 @@ def test_import_without_triton():
     assert "triton could not be imported" in result.stdout
 
 
-# Compiles kernel variants to GPU binaries with Triton's real compiler (ptxas
-# ships with triton), no GPU needed: catches what the interpreter accepts but
-# the compiler rejects (dot layouts, dtypes, constexpr branches).
-_AOT_COMPILE = """
-import sys
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from lora_kernels.triton_backend import (
-    _launch, backward_da, backward_dx, backward_dy, forward_gemm, shrink,
-)
-
-def compile_kernel(kernel, pointers, constexprs, capability, num_warps=4):
-    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        elif name in ("scaling", "keep_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i64" if name == "threshold" else "i32"
-    source = triton.compiler.ASTSource(fn, signature, constexprs)
-    options = {"num_warps": num_warps, "num_stages": 3}
-    triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-
-capability = int(sys.argv[1])
-quick = sys.argv[2] == "quick"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def precision(x, *operands):
-    return _launch.dot_precision(DTYPES[x], *(DTYPES[name] for name in operands))
-
-
-for x, adapter in (("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32"))[:: 2 if quick else 1]:
-    drop = {"DROPOUT": True, "QUAD_ALIGNED": x == "bf16"}
-    # fp32 inputs: the forward GEMM takes the TF32 path, the others full fp32.
-    base_precision = "tf32" if x == "fp32" else precision(x, x)
-    compile_kernel(
-        shrink._shrink_kernel,
-        {"x_ptr": x, "a_ptr": adapter, "s_ptr": "fp32", "seed_ptr": "i64"},
-        dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=32, PRECISION=precision(x, adapter), **drop),
-        capability,
-    )
-    compile_kernel(
-        forward_gemm._forward_kernel,
-        {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "s_ptr": "fp32", "b_ptr": adapter, "y_ptr": x},
-        dict(HAS_BIAS=True, LORA_PRECISION=precision(x, "fp32", adapter),
-             BASE_PRECISION=base_precision, BLOCK_R=16, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32,
-             GROUP_M=8),
-        capability,
-    )
-    compile_kernel(
-        backward_dy._dy_pass_kernel,
-        {"dy_ptr": x, "b_ptr": adapter, "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32"},
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, COMPUTE_DB=True,
-             DS_PRECISION=precision(x, adapter), DB_PRECISION=precision(x, "fp32")),
-        capability,
-    )
-    compile_kernel(
-        backward_dy._grad_b_kernel,
-        {"dy_ptr": x, "s_ptr": "fp32", "db_ptr": "fp32"},
-        dict(BLOCK_N=64, BLOCK_M=64, BLOCK_R=16, PRECISION=precision(x, "fp32")),
-        capability,
-    )
-    compile_kernel(
-        backward_da._grad_a_kernel,
-        {"ds_ptr": "fp32", "x_ptr": x, "seed_ptr": "i64", "da_ptr": "fp32"},
-        dict(BLOCK_K=64, BLOCK_M=64, BLOCK_R=16, PRECISION=precision(x, "fp32"), **drop),
-        capability,
-    )
-    compile_kernel(
-        backward_dx._grad_x_kernel,
-        {"dy_ptr": x, "w_ptr": x, "ds_ptr": "fp32", "a_ptr": adapter, "seed_ptr": "i64",
-         "dx_ptr": x},
-        dict(LORA_PRECISION=precision(x, "fp32", adapter), BASE_PRECISION=precision(x, x),
-             BLOCK_R=16, BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, GROUP_M=8, **drop),
-        capability,
-    )
-print("compiled")
-"""
+# What the kernels compile to, as launched at the DESIGN shape (M=8192,
+# 4096→4096) on an H100/H200 and an A100, by Triton's real compiler without a
+# GPU (lora_kernels.triton_backend.kernel_report): every kernel of a training
+# step free of register spills, on tensor cores for fp16/bf16 inputs (wgmma on
+# Hopper, mma.sync on Ampere), and loading its big operands 128 bits at a time.
+_HOPPER = ["--capability", "90", "--sms", "132", "--shared-memory", str(227 * 1024)]
+_AMPERE = ["--capability", "80", "--sms", "108", "--shared-memory", str(163 * 1024)]
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="a GPU compiles the kernels natively in every test")
@@ -539,25 +474,48 @@ print("compiled")
     _REASON is None and "nvidia" not in triton.backends.backends,
     reason="this triton build has no NVIDIA compiler backend",
 )
-@pytest.mark.parametrize("capability", [90, 80], ids=["sm90", "sm80"])
-def test_kernels_compile_for_gpu(capability):
-    # Every dtype pairing for Hopper; bf16 and fp32 (both MMA paths) for Ampere.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+@pytest.mark.parametrize(
+    ("flags", "tensor_core_ops"),
+    [
+        (_HOPPER, "wgmma"),
+        ([*_HOPPER, "--rank", "64", "--adapter-dtype", "fp32"], "wgmma"),
+        ([*_HOPPER, "--dtype", "fp16", "--dropout", "0", "--tokens", "512"], "wgmma"),
+        ([*_HOPPER, "--dtype", "fp32"], None),  # full fp32 by torch's default: CUDA cores
+        (_AMPERE, "mma"),
+        ([*_AMPERE, "--dtype", "fp32", "--dropout", "0"], None),
+    ],
+    ids=[
+        "sm90-bf16",
+        "sm90-bf16-r64-fp32-adapters",
+        "sm90-fp16-M512",
+        "sm90-fp32",
+        "sm80-bf16",
+        "sm80-fp32",
+    ],
+)
+def test_kernels_compile_without_spills_on_tensor_cores(flags, tensor_core_ops):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE")
+    }
     env["PYTHONWARNINGS"] = "ignore"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _AOT_COMPILE,
-            str(capability),
-            "quick" if capability < 90 else "all",
-        ],
+        [sys.executable, "-m", "lora_kernels.triton_backend.kernel_report", "--json", *flags],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    assert result.returncode == 0, result.stderr[-4000:]
+    kernels = json.loads(result.stdout)
+    names = ["shrink", "forward GEMM", "dy pass (dS)", "dB pass", "dA pass", "dx GEMM"]
+    assert [k["name"] for k in kernels] == names
+    for k in kernels:
+        assert k["spill_bytes"] == 0 and k["local_memory_ops"] == 0, k
+        if tensor_core_ops:
+            assert k[tensor_core_ops] > 0, k
+        assert k["wide_global_loads"] >= k["global_loads"] // 2 > 0, k
 
 
 def test_dot_precision_rule(monkeypatch):
@@ -592,8 +550,82 @@ def test_tf32_rounding_is_to_nearest():
     assert torch.all(rounded_ties.abs() > ties.abs())  # away from zero
 
 
+def _pretend_gpu(monkeypatch, capability, sms, shared_memory):
+    """The compiled (not interpreted) launch decisions for a GPU that is not here."""
+    monkeypatch.setattr(_launch, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(_launch, "sm_count", lambda index: sms)
+    monkeypatch.setattr(_launch, "shared_memory", lambda index: shared_memory)
+    return torch.device("cuda", 0)
+
+
+def test_gemm_tile_heuristic(monkeypatch):
+    h200 = _pretend_gpu(monkeypatch, (9, 0), 132, 227 * 1024)
+    bf16 = torch.bfloat16
+
+    def tile(M, cols, dtype=bf16, device=h200):
+        t = _gemm_configs.gemm_tile(M, cols, dtype, device)
+        return t.block_m, t.block_cols, t.block_reduction
+
+    # A large output: the largest tile, 8 full waves of 132 SMs.
+    assert tile(8192, 4096) == (128, 256, 64)
+    assert tile(8192, 14336) == (128, 256, 64)
+    # Few programs with large tiles: smaller tiles that reach more SMs.
+    assert tile(512, 1024)[0] * tile(512, 1024)[1] <= 64 * 128
+    assert tile(16, 4096)[0] == 16  # decoding: thin row tiles
+    # fp32 operands: fp32 tiles; a pipeline larger than shared memory is never picked.
+    assert tile(8192, 4096, torch.float32) == (128, 128, 32)
+    small = _pretend_gpu(monkeypatch, (9, 0), 132, 100 * 1024)
+    for M in (16, 512, 8192):
+        chosen = _gemm_configs.gemm_tile(M, 4096, bf16, small)
+        assert chosen.smem_bytes(2) <= 100 * 1024
+    a100 = _pretend_gpu(monkeypatch, (8, 0), 108, 163 * 1024)
+    assert tile(8192, 4096, device=a100) == (128, 128, 32)
+    # The same inputs always get the same tile: no timing is involved.
+    assert all(tile(2048, 4096) == tile(2048, 4096) for _ in range(3))
+
+
+def test_autotuning_is_opt_in(monkeypatch):
+    from lora_kernels.triton_backend import backward_dx, forward_gemm
+
+    monkeypatch.delenv("LORA_KERNELS_AUTOTUNE", raising=False)
+    device = torch.device(DEVICE)
+    kernel, tile = _gemm_configs.launch_choice(
+        forward_gemm._forward_kernel,
+        forward_gemm._forward_kernel_tuned,
+        100,
+        64,
+        torch.bfloat16,
+        device,
+        "BLOCK_N",
+        "BLOCK_K",
+    )
+    assert kernel is forward_gemm._forward_kernel
+    assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= tile.keys()
+    for tuned in (forward_gemm._forward_kernel_tuned, backward_dx._grad_x_kernel_tuned):
+        assert isinstance(tuned, triton.runtime.Autotuner)
+        assert tuned.keys == ["M_BUCKET", "N", "K", "R"]
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1")
+    kernel, tile = _gemm_configs.launch_choice(
+        forward_gemm._forward_kernel,
+        forward_gemm._forward_kernel_tuned,
+        100,
+        64,
+        torch.bfloat16,
+        device,
+        "BLOCK_N",
+        "BLOCK_K",
+    )
+    assert kernel is forward_gemm._forward_kernel_tuned and tile == {}
+    # Results stay right through the autotuner.
+    check_against_oracle(make_problem(40, 48, 36, 4, device=DEVICE), torch.bfloat16, None, 0.1)
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="LORA_KERNELS_AUTOTUNE='yes'"):
+        _gemm_configs.autotuning()
+
+
 def test_fit_pipeline(monkeypatch):
-    monkeypatch.setattr(_launch, "_shared_memory", lambda index: 100_000)
+    monkeypatch.setattr(_launch, "shared_memory", lambda index: 100_000)
     gpu = torch.device("cuda", 0)
     assert _launch.fit_pipeline(lambda block: block * 100, 128, gpu) == (128, 3)
     assert _launch.fit_pipeline(lambda block: block * 300, 128, gpu) == (128, 2)

@@ -18,11 +18,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The smallest tile edge tl.dot accepts; the rank is padded up to it with masks.
 MIN_DOT_BLOCK = 16
 # Rank chunk of the skinny kernels (shrink, dS/dB, dA), whose accumulator holds
-# a rank chunk for a whole reduction: ranks above it add a grid dimension.
-SKINNY_RANK_BLOCK = 128
+# a rank chunk for a whole reduction: ranks above it add a grid dimension
+# (chunks of 128 spilled in the dA and dy passes on sm_90, by kernel_report).
+SKINNY_RANK_BLOCK = 64
 # Rank chunk of the GEMMs (forward, dx), which loop over the rank to seed
-# their accumulator.
-GEMM_RANK_BLOCK = 64
+# their accumulator: the smallest dot, so the chunk's fp32 operands (TF32
+# products) fit in registers beside a 128×256 accumulator (chunks of 32 or 64
+# spilled at r = 64 with fp32 adapters on sm_90, by kernel_report).
+GEMM_RANK_BLOCK = 16
 # Programs the interpreter is asked to keep busy: small enough that test
 # shapes of a few row tiles take the split-reduction path too.
 INTERPRETER_PROGRAMS = 4
@@ -34,8 +37,27 @@ def rank_block(r: int, cap: int) -> int:
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
+def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def stream_block(element_size: int, block_r: int) -> int:
+    """How far a skinny kernel (shrink, dy pass, dB, dA) streams along its
+    reduction per step: 128 for fp16/bf16 inputs and rank chunks up to 32,
+    else 64 -- their fp32 tiles (converted for TF32 or fp32 dots) take twice
+    the registers, and at 128 spilled on sm_90 (kernel_report)."""
+    if INTERPRETED:
+        return 32
+    return 128 if element_size == 2 and block_r <= 32 else 64
+
+
+def size_hint(n) -> int:
+    """``n`` as an int; for a symbolic size (torch.compile) its example value,
+    without a guard: launch heuristics read it, and any choice is correct."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if hint is not None else 8192  # unknown: plan for a large batch
 
 
 def size_class(n: int) -> int:
@@ -49,7 +71,7 @@ def target_programs(device: torch.device) -> int:
     """Programs a launch needs to fill ``device``: two per SM on a GPU."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return 2 * _sm_count(index)
+        return 2 * sm_count(index)
     return INTERPRETER_PROGRAMS
 
 
@@ -108,7 +130,8 @@ _FALLBACK_SHARED_MEMORY = 99 * 1024
 
 
 @functools.cache
-def _shared_memory(index: int) -> int:
+def shared_memory(index: int) -> int:
+    """Shared memory one program may use on GPU ``index`` (the opt-in limit)."""
     props = torch.cuda.get_device_properties(index)
     return getattr(props, "shared_memory_per_block_optin", _FALLBACK_SHARED_MEMORY)
 
@@ -125,7 +148,7 @@ def fit_pipeline(
     if device.type != "cuda":
         return block, 1
     index = device.index if device.index is not None else torch.cuda.current_device()
-    budget = _shared_memory(index)
+    budget = shared_memory(index)
     while True:
         for stages in (3, 2):
             if stages * stage_bytes(block) <= budget:

@@ -2,7 +2,10 @@
 
 A program owns a column tile of dA (all ranks of a rank chunk) and runs down
 the offs_m of x, masking each x tile in registers as the shrink did; the
-1/(1−p) factor is applied once at the end. M is split across programs when
+1/(1−p) factor is applied once at the end. The product is formed transposed,
+dAᵀ = x̃ᵀ·dS, so that the input features (a block of 64 or more) are the rows
+of the tensor-core instruction and the rank its columns: Hopper's wgmma needs
+64 rows, which r alone (often 16) cannot give. M is split across programs when
 the column tiles alone cannot fill the GPU, and the fp32 partial sums are
 added in a fixed order (deterministic). dS is fp32, so the dot runs in TF32
 for fp16/bf16 inputs (``_launch.dot_precision``).
@@ -62,7 +65,7 @@ def _grad_a_kernel(
     if DROPOUT:
         seed = tl.load(seed_ptr)
 
-    da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    da_t = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < m_end
@@ -82,35 +85,32 @@ def _grad_a_kernel(
             DROPOUT,
             QUAD_ALIGNED,
         )
-        ds_t = tl.load(
-            ds_ptr + offs_r[:, None] * stride_dsr + offs_m[None, :] * stride_dsm,
-            mask=mask_r[:, None] & mask_m[None, :],
+        ds = tl.load(
+            ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+            mask=mask_m[:, None] & mask_r[None, :],
             other=0.0,
         )
-        da = mixed_dot(ds_t, x, da, PRECISION)
+        da_t = mixed_dot(tl.trans(x), ds, da_t, PRECISION)
     if DROPOUT:
-        da = da * keep_scale
+        da_t = da_t * keep_scale
     tl.store(
         da_ptr
         + pid_split * stride_da_split
-        + offs_r[:, None] * stride_dar
-        + offs_k[None, :] * stride_dak,
-        da,
-        mask=mask_r[:, None] & mask_k[None, :],
+        + offs_k[:, None] * stride_dak
+        + offs_r[None, :] * stride_dar,
+        da_t,
+        mask=mask_k[:, None] & mask_r[None, :],
     )
-
-
-def _blocks() -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_M): column tiles of dA, offs_m of x per step."""
-    return (32, 32) if _launch.INTERPRETED else (64, 128)
 
 
 def grad_a_pass(dS: torch.Tensor, x: torch.Tensor, dropout: DropoutArgs) -> torch.Tensor:
     """dA = dSᵀ·x̃ (r×K, fp32) for M ≥ 1."""
     M, K = x.shape
     R = dS.shape[1]
-    block_k, block_m = _blocks()
+    # Column tiles of dA, rows of x per step.
     block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
+    block_k = 32 if _launch.INTERPRETED else 64
+    block_m = _launch.stream_block(x.element_size(), block_r)
     block_m, stages = _launch.fit_pipeline(
         lambda bm: bm * (block_k * x.element_size() + block_r * 4), block_m, x.device
     )

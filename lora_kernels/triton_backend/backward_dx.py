@@ -16,19 +16,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import _launch
+from . import _gemm_configs, _launch
 from ._dot import mixed_dot
 from ._dropout import DropoutArgs, keep_mask, quad_aligned
-from ._gemm_configs import gemm_configs, prune_by_shape
 from ._tiling import grouped_tile
 
 
-@triton.autotune(
-    # Output columns run over the input features K, the reduction over N.
-    configs=gemm_configs("BLOCK_K", "BLOCK_N"),
-    key=["M_BUCKET", "N", "K", "R"],
-    prune_configs_by={"early_config_prune": prune_by_shape("K", "BLOCK_K")},
-)
 @triton.jit
 def _grad_x_kernel(
     dy_ptr,
@@ -114,6 +107,17 @@ def _grad_x_kernel(
     )
 
 
+# With dropout the mask of the LoRA term is built for the whole output tile
+# beside the accumulator; past 64 elements per thread that spills (a 128×256
+# tile with 8 warps: 255 registers and 1.2 KB of spills per thread on sm_90,
+# by kernel_report), at 64 it takes 182 registers.
+_MASKED_ELEMENTS_PER_THREAD = 64
+
+_grad_x_kernel_tuned = _gemm_configs.tuned(
+    _grad_x_kernel, "BLOCK_K", "BLOCK_N", cols_arg="K", operand_arg="dy_ptr"
+)
+
+
 def grad_x_gemm(
     grad_y: torch.Tensor,
     weight: torch.Tensor,
@@ -131,7 +135,18 @@ def grad_x_gemm(
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
-    wrap_triton(_grad_x_kernel)[grid](
+    kernel, tile = _gemm_configs.launch_choice(
+        _grad_x_kernel,
+        _grad_x_kernel_tuned,
+        M,
+        K,
+        x.dtype,
+        x.device,
+        "BLOCK_K",
+        "BLOCK_N",
+        max_elements_per_thread=_MASKED_ELEMENTS_PER_THREAD if dropout.enabled else None,
+    )
+    wrap_triton(kernel)[grid](
         grad_y,
         weight,
         dS,
@@ -160,5 +175,6 @@ def grad_x_gemm(
         LORA_PRECISION=_launch.dot_precision(x.dtype, dS.dtype, lora_A.dtype),
         BASE_PRECISION=_launch.dot_precision(x.dtype, grad_y.dtype, weight.dtype),
         BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
+        **tile,
     )
     return dx

@@ -165,14 +165,9 @@ def _grad_b_kernel(
     )
 
 
-def _dy_pass_blocks() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the dy pass."""
-    return (32, 32) if _launch.INTERPRETED else (64, 128)
-
-
-def _grad_b_blocks() -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_M) of the dB pass."""
-    return (32, 32) if _launch.INTERPRETED else (64, 128)
+def _tile_block() -> int:
+    """The non-streamed block of both passes (rows of dS, columns of dB)."""
+    return 32 if _launch.INTERPRETED else 64
 
 
 def dy_pass(
@@ -182,8 +177,9 @@ def dy_pass(
     fp32, atomically accumulated) from one read of dy, M ≥ 1."""
     M, N = grad_y.shape
     R = lora_B.shape[1]
-    block_m, block_n = _dy_pass_blocks()
     block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
+    block_m = _tile_block()
+    block_n = _launch.stream_block(max(grad_y.element_size(), lora_B.element_size()), block_r)
     block_n, stages = _launch.fit_pipeline(
         lambda bn: (
             bn * (block_m * grad_y.element_size() + block_r * lora_B.element_size())
@@ -237,8 +233,9 @@ def grad_b_pass(grad_y: torch.Tensor, S: torch.Tensor, scaling: float) -> torch.
     """dB = s·dyᵀ·S (N×r, fp32), deterministic, M ≥ 1."""
     M, N = grad_y.shape
     R = S.shape[1]
-    block_n, block_m = _grad_b_blocks()
     block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
+    block_n = _tile_block()
+    block_m = _launch.stream_block(grad_y.element_size(), block_r)
     block_m, stages = _launch.fit_pipeline(
         lambda bm: bm * (block_n * grad_y.element_size() + block_r * 4), block_m, grad_y.device
     )

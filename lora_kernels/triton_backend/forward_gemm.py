@@ -15,17 +15,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import _launch
+from . import _gemm_configs, _launch
 from ._dot import mixed_dot
-from ._gemm_configs import gemm_configs, prune_by_shape
 from ._tiling import grouped_tile
 
 
-@triton.autotune(
-    configs=gemm_configs("BLOCK_N", "BLOCK_K"),
-    key=["M_BUCKET", "N", "K", "R"],
-    prune_configs_by={"early_config_prune": prune_by_shape("N", "BLOCK_N")},
-)
 @triton.jit
 def _forward_kernel(
     x_ptr,
@@ -109,6 +103,11 @@ def _forward_kernel(
     )
 
 
+_forward_kernel_tuned = _gemm_configs.tuned(
+    _forward_kernel, "BLOCK_N", "BLOCK_K", cols_arg="N", operand_arg="x_ptr"
+)
+
+
 def forward_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -126,7 +125,10 @@ def forward_gemm(
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    wrap_triton(_forward_kernel)[grid](
+    kernel, tile = _gemm_configs.launch_choice(
+        _forward_kernel, _forward_kernel_tuned, M, N, x.dtype, x.device, "BLOCK_N", "BLOCK_K"
+    )
+    wrap_triton(kernel)[grid](
         x,
         weight,
         bias if bias is not None else x,
@@ -154,5 +156,6 @@ def forward_gemm(
         LORA_PRECISION=_launch.dot_precision(x.dtype, S.dtype, lora_B.dtype),
         BASE_PRECISION=_launch.dot_precision(x.dtype, weight.dtype),
         BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
+        **tile,
     )
     return y

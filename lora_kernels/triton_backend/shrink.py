@@ -96,19 +96,14 @@ def _shrink_kernel(
     )
 
 
-def _blocks(M: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_K): the shrink is bound by reading x, so K chunks are long."""
-    if _launch.INTERPRETED:
-        return 32, 32
-    return (64 if M > 32 else 32), 128
-
-
 def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutArgs) -> torch.Tensor:
     """S = x̃·Aᵀ in fp32 for 2-D x with M ≥ 1."""
     M, K = x.shape
     R = lora_A.shape[0]
-    block_m, block_k = _blocks(M)
     block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
+    # Bound by reading x: K is streamed in long chunks.
+    block_m = 32 if _launch.INTERPRETED or M <= 32 else 64
+    block_k = _launch.stream_block(max(x.element_size(), lora_A.element_size()), block_r)
     block_k, stages = _launch.fit_pipeline(
         lambda bk: bk * (block_m * x.element_size() + block_r * lora_A.element_size()),
         block_k,
