@@ -170,7 +170,21 @@ PRESETS: dict[str, Grid] = {
         providers=("base", "torch-naive", "peft", "addmm", "torch-compile", "lora_kernels"),
         adapter_dtypes=(SAME_AS_LAYER, "fp32"),
     ),
-    # The DESIGN targets, for a GPU: every Llama-3-8B projection, tokens, rank, mode
+    # The GPU targets and their peers, sized to a few minutes on an H100/H200:
+    # forward and a training step of every Llama-3-8B projection at 512, 2048 and
+    # 8192 tokens, r 16 and 64, bf16, against the base, peft with bf16 adapters
+    # and with its default fp32 ones, and torch.compile (benchmarks/targets.py
+    # checks the targets on the results).
+    "targets": Grid(
+        shapes=LLAMA3_8B_SHAPES,
+        tokens=(512, 2048, 8192),
+        ranks=(16, 64),
+        dtypes=(torch.bfloat16,),
+        dropouts=(0.0, 0.1),
+        modes=(FORWARD, FORWARD_BACKWARD),
+        providers=("base", "peft", "peft-default", "torch-compile", "lora_kernels"),
+    ),
+    # Everything, for a GPU: every Llama-3-8B projection, tokens, rank, mode
     # and adapter dtype.
     "full": Grid(
         shapes=LLAMA3_8B_SHAPES,
@@ -183,6 +197,7 @@ PRESETS: dict[str, Grid] = {
             "base",
             "torch-naive",
             "peft",
+            "peft-default",
             "addmm",
             "torch-compile",
             "merged",

@@ -5,6 +5,8 @@ compares, each built on the same tensors so outputs are comparable.
 ``base``            the frozen ``nn.Linear`` alone: the floor
 ``torch-naive``     LoRA as peft computes it, in plain PyTorch modules
 ``peft``            peft's ``lora.Linear`` wrapping the same ``nn.Linear``
+``peft-default``    the same with fp32 adapters, what ``get_peft_model`` gives
+                    fp16/bf16 layers by default (problems with 16-bit adapters)
 ``addmm``           y = x·W0ᵀ + b, then ``addmm_`` of the LoRA term (dropout 0 only)
 ``torch-compile``   ``torch.compile`` of ``torch-naive``
 ``merged``          one ``nn.Linear`` with W0 + s·B·A folded in (inference only)
@@ -150,7 +152,9 @@ def _build_naive(t: LoRATensors, setting: Setting) -> Built:
     return Built(module, module.lora_A.weight, module.lora_B.weight)
 
 
-def _build_peft(t: LoRATensors, setting: Setting) -> Built:
+def _build_peft(
+    t: LoRATensors, setting: Setting, adapter_dtype: torch.dtype | None = None
+) -> Built:
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLoraLinear
 
@@ -165,9 +169,23 @@ def _build_peft(t: LoRATensors, setting: Setting) -> Built:
         lora_alpha=alpha,
         lora_dropout=setting.dropout_p,
     )
-    module.lora_A["default"].weight = nn.Parameter(t.lora_A)
-    module.lora_B["default"].weight = nn.Parameter(t.lora_B)
+    # In the problem's adapter dtype the shared tensors themselves, else copies.
+    adapter_dtype = adapter_dtype or t.lora_A.dtype
+    module.lora_A["default"].weight = nn.Parameter(t.lora_A.to(adapter_dtype))
+    module.lora_B["default"].weight = nn.Parameter(t.lora_B.to(adapter_dtype))
     return Built(module, module.lora_A["default"].weight, module.lora_B["default"].weight)
+
+
+class NotApplicable(Exception):
+    """Raised by a provider's build for a problem outside what it measures:
+    the row is reported as skipped, with the message as the reason."""
+
+
+def _build_peft_default(t: LoRATensors, setting: Setting) -> Built:
+    if t.lora_A.dtype == torch.float32:
+        raise NotApplicable("the adapters are fp32 already: the same as peft")
+    # fp32 copies, as peft's autocast_adapter_dtype makes them.
+    return _build_peft(t, setting, torch.float32)
 
 
 def _build_addmm(t: LoRATensors, setting: Setting) -> Built:
@@ -305,6 +323,12 @@ def all_providers(device: torch.device | str) -> list[Provider]:
         ),
         Provider("torch-naive", "base + lora_B(lora_A(dropout(x))) * s", _build_naive, _always),
         Provider("peft", "peft.tuners.lora.Linear", _build_peft, _peft_missing),
+        Provider(
+            "peft-default",
+            "peft.tuners.lora.Linear with fp32 adapters (its default for fp16/bf16 layers)",
+            _build_peft_default,
+            _peft_missing,
+        ),
         Provider(
             "addmm", "x·W0ᵀ + b, then addmm_(x·Aᵀ, Bᵀ, alpha=s)", _build_addmm, _dropout_free_only
         ),

@@ -43,7 +43,7 @@ from .cases import (
 )
 from .flops import lora_flops
 from .memory import cuda_peak_bytes, saved_tensor_bytes
-from .providers import Built, Provider, select_providers
+from .providers import Built, NotApplicable, Provider, select_providers
 from .report import (
     ERROR,
     OK,
@@ -178,6 +178,8 @@ class Runner:
                         saved[provider.name] = saved_tensor_bytes(
                             lambda m=built.module, x=x: m(x), alive=[x, *t.parameters()]
                         )
+                except NotApplicable as exc:
+                    status, note = SKIPPED, str(exc)
                 except Exception as exc:  # a broken provider is reported, not fatal
                     status, note = ERROR, _first_line(exc)
                 else:

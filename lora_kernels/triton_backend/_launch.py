@@ -41,14 +41,21 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def stream_block(element_size: int, block_r: int) -> int:
+def stream_block(compute_dtype: torch.dtype, *operands: torch.dtype, block_r: int) -> int:
     """How far a skinny kernel (shrink, dy pass, dB, dA) streams along its
-    reduction per step: 128 for fp16/bf16 inputs and rank chunks up to 32,
-    else 64 -- their fp32 tiles (converted for TF32 or fp32 dots) take twice
-    the registers, and at 128 spilled on sm_90 (kernel_report)."""
+    reduction per step, for inputs in ``compute_dtype`` and a product with
+    operands of the dtypes ``operands``: 128 for fp16/bf16 operands and rank
+    chunks up to 32; 64 for wider chunks or an fp32 operand, whose tiles are
+    converted in registers for the TF32 dot; 32 for fp32 inputs, whose CUDA-core
+    dots hold both tiles in registers. Longer steps spilled on sm_90 or sm_80
+    (kernel_report)."""
     if INTERPRETED:
         return 32
-    return 128 if element_size == 2 and block_r <= 32 else 64
+    if compute_dtype == torch.float32:
+        return 32
+    if block_r <= 32 and all(dtype == compute_dtype for dtype in operands):
+        return 128
+    return 64
 
 
 def size_hint(n) -> int:

@@ -23,7 +23,8 @@ from ._dot import mixed_dot
 from ._dropout import DropoutArgs, load_dropped_x, quad_aligned
 
 
-@triton.jit
+# M is not specialised: batches of any token count share one compiled kernel.
+@triton.jit(do_not_specialize=["M"])
 def _grad_a_kernel(
     ds_ptr,
     x_ptr,
@@ -110,7 +111,7 @@ def grad_a_pass(dS: torch.Tensor, x: torch.Tensor, dropout: DropoutArgs) -> torc
     # Column tiles of dA, rows of x per step.
     block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
     block_k = 32 if _launch.INTERPRETED else 64
-    block_m = _launch.stream_block(x.element_size(), block_r)
+    block_m = _launch.stream_block(x.dtype, x.dtype, block_r=block_r)
     block_m, stages = _launch.fit_pipeline(
         lambda bm: bm * (block_k * x.element_size() + block_r * 4), block_m, x.device
     )

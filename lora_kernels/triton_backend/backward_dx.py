@@ -22,7 +22,8 @@ from ._dropout import DropoutArgs, keep_mask, quad_aligned
 from ._tiling import grouped_tile
 
 
-@triton.jit
+# M is not specialised: batches of any token count share one compiled kernel.
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _grad_x_kernel(
     dy_ptr,
     w_ptr,

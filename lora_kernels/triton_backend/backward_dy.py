@@ -23,7 +23,8 @@ from . import _launch
 from ._dot import mixed_dot
 
 
-@triton.jit
+# M is not specialised: batches of any token count share one compiled kernel.
+@triton.jit(do_not_specialize=["M"])
 def _dy_pass_kernel(
     dy_ptr,
     b_ptr,
@@ -106,7 +107,8 @@ def _dy_pass_kernel(
     )
 
 
-@triton.jit
+# M is not specialised: batches of any token count share one compiled kernel.
+@triton.jit(do_not_specialize=["M"])
 def _grad_b_kernel(
     dy_ptr,
     s_ptr,
@@ -179,7 +181,7 @@ def dy_pass(
     R = lora_B.shape[1]
     block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
     block_m = _tile_block()
-    block_n = _launch.stream_block(max(grad_y.element_size(), lora_B.element_size()), block_r)
+    block_n = _launch.stream_block(grad_y.dtype, lora_B.dtype, block_r=block_r)
     block_n, stages = _launch.fit_pipeline(
         lambda bn: (
             bn * (block_m * grad_y.element_size() + block_r * lora_B.element_size())
@@ -235,7 +237,7 @@ def grad_b_pass(grad_y: torch.Tensor, S: torch.Tensor, scaling: float) -> torch.
     R = S.shape[1]
     block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
     block_n = _tile_block()
-    block_m = _launch.stream_block(grad_y.element_size(), block_r)
+    block_m = _launch.stream_block(grad_y.dtype, grad_y.dtype, block_r=block_r)
     block_m, stages = _launch.fit_pipeline(
         lambda bm: bm * (block_n * grad_y.element_size() + block_r * 4), block_m, grad_y.device
     )

@@ -20,7 +20,8 @@ from ._dot import mixed_dot
 from ._tiling import grouped_tile
 
 
-@triton.jit
+# M is not specialised: batches of any token count share one compiled kernel.
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _forward_kernel(
     x_ptr,
     w_ptr,

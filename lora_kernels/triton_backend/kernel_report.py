@@ -10,7 +10,8 @@ answered for the GPU described by the flags, and records each launch instead
 of running it: grid, block sizes, warps, stages and precisions exactly as
 the launcher chooses them. Each launch is then compiled by Triton for that
 GPU -- specialised as a real launch would be: 16-byte aligned pointers,
-divisibility of integer arguments by 16, arguments equal to 1 as constants --
+divisibility of integer arguments by 16, arguments equal to 1 as constants,
+except those a kernel marks ``do_not_specialize`` --
 and the report gives, per kernel, ptxas's registers and spills and counts
 from the SASS: tensor-core instructions (HGMMA for Hopper's wgmma, HMMA for
 mma.sync), 128-bit global loads among all global loads (direct or cp.async),
@@ -213,10 +214,16 @@ def _specialise(fn, launch: Launch) -> tuple[dict, dict, dict]:
         k: v for k, v in launch.kwargs.items() if k in fn.arg_names
     }
     constexpr_names = {p.name for p in fn.params if p.is_constexpr}
+    unspecialised = {p.name for p in fn.params if p.do_not_specialize}
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(fn.arg_names):
         value = values[name]
-        if name in constexpr_names or value is None or (type(value) is int and value == 1):
+        specialise = name not in unspecialised
+        if (
+            name in constexpr_names
+            or value is None
+            or (specialise and type(value) is int and value == 1)
+        ):
             signature[name] = "constexpr"
             constexprs[name] = value
         elif isinstance(value, torch.Tensor):
@@ -226,7 +233,7 @@ def _specialise(fn, launch: Launch) -> tuple[dict, dict, dict]:
             signature[name] = "fp32"
         elif isinstance(value, int):
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
+            if specialise and value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             raise TypeError(f"{fn.__name__}: cannot specialise {name}={value!r}")

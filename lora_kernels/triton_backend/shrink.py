@@ -18,7 +18,8 @@ from ._dot import mixed_dot
 from ._dropout import DropoutArgs, load_dropped_x, quad_aligned
 
 
-@triton.jit
+# M is not specialised: batches of any token count share one compiled kernel.
+@triton.jit(do_not_specialize=["M"])
 def _shrink_kernel(
     x_ptr,
     a_ptr,
@@ -103,7 +104,7 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutArgs) -> torch
     block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
     # Bound by reading x: K is streamed in long chunks.
     block_m = 32 if _launch.INTERPRETED or M <= 32 else 64
-    block_k = _launch.stream_block(max(x.element_size(), lora_A.element_size()), block_r)
+    block_k = _launch.stream_block(x.dtype, lora_A.dtype, block_r=block_r)
     block_k, stages = _launch.fit_pipeline(
         lambda bk: bk * (block_m * x.element_size() + block_r * lora_A.element_size()),
         block_k,

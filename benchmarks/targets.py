@@ -1,0 +1,149 @@
+"""The GPU performance targets, checked on a stored benchmark run.
+
+    python -m benchmarks.targets                       # the latest CUDA run in benchmarks/results/
+    python -m benchmarks.targets --input out/bench/results.jsonl --run RUN_ID
+
+Targets, for every fused backend (``lora_kernels:<backend>``), fp16/bf16:
+
+* overhead over the frozen base measured in the same run: forward ≤ 1.03× the
+  base forward and forward+backward ≤ 1.06× the base forward+backward at
+  M ≥ 2048, both ≤ 1.15× at M = 512 (dropout 0 and 0.1, every shape and rank);
+* at the anchor shape (M = 8192, 4096→4096, r = 16, dropout 0.1, a training
+  step): ≥ 1.35× faster than peft with adapters in the layer's dtype, ≥ 2.2×
+  than peft's default fp32 adapters (``peft-default``), ≥ 1.6× than
+  ``torch.compile`` of the naive module.
+
+Prints one line per target with the measured ratio and whether it is met,
+then the count of met targets per backend. A target whose peer was not
+measured in the run (missing row, skipped or failed provider) is listed as
+"not measured", never as met.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .cases import FORWARD, FORWARD_BACKWARD
+from .report import JSONL_NAME, OK, RESULTS_DIR, Row, describe, load_runs
+
+LORA_KERNELS_PREFIX = "lora_kernels:"
+FORWARD_LIMIT = 1.03
+STEP_LIMIT = 1.06
+SMALL_BATCH = 512
+SMALL_BATCH_LIMIT = 1.15
+ANCHOR = {"in_features": 4096, "out_features": 4096, "tokens": 8192, "rank": 16, "dropout": 0.1}
+# (peer provider, minimum speedup of the fused step over it) at the anchor.
+ANCHOR_SPEEDUPS = (("peft", 1.35), ("peft-default", 2.2), ("torch-compile", 1.6))
+
+
+@dataclass
+class Check:
+    backend: str
+    target: str
+    measured: float | None  # None: not measured in this run
+    met: bool
+
+    def line(self) -> str:
+        if self.measured is None:
+            return f"  {self.backend:8}  {self.target:62}  not measured"
+        mark = "met" if self.met else "MISSED"
+        return f"  {self.backend:8}  {self.target:62}  {self.measured:6.3f}  {mark}"
+
+
+def _medians(rows: Sequence[Row]) -> dict[tuple, float]:
+    """(group, provider) → median ms of every row that ran."""
+    return {(r.group, r.provider): r.median_ms for r in rows if r.status == OK and r.median_ms}
+
+
+def check(rows: Sequence[Row]) -> list[Check]:
+    """Every target that applies to the rows' problems, per fused backend."""
+    medians = _medians(rows)
+    groups = {r.group: r for r in rows}
+    backends = sorted(
+        {r.provider for r in rows if r.provider.startswith(LORA_KERNELS_PREFIX)}
+        - {f"{LORA_KERNELS_PREFIX}torch"}
+    )
+    checks = []
+    for provider in backends:
+        backend = provider.removeprefix(LORA_KERNELS_PREFIX)
+        for group, row in groups.items():
+            if row.dtype not in ("bf16", "fp16") or row.mode not in (FORWARD, FORWARD_BACKWARD):
+                continue
+            if row.tokens < SMALL_BATCH:
+                continue
+            if row.tokens >= 2048:
+                limit = FORWARD_LIMIT if row.mode == FORWARD else STEP_LIMIT
+            else:
+                limit = SMALL_BATCH_LIMIT
+            ours, base = medians.get((group, provider)), medians.get((group, "base"))
+            ratio = ours / base if ours and base else None
+            label = (
+                f"{row.mode} ÷ base ≤ {limit:.2f}: {row.in_features}→{row.out_features} "
+                f"M={row.tokens} r={row.rank} {row.precision} p={row.dropout:g}"
+            )
+            checks.append(Check(backend, label, ratio, ratio is not None and ratio <= limit))
+        anchors = [
+            g
+            for g, row in groups.items()
+            if row.mode == FORWARD_BACKWARD
+            and row.dtype in ("bf16", "fp16")
+            and row.adapter_dtype == row.dtype
+            and all(getattr(row, k) == v for k, v in ANCHOR.items())
+        ]
+        for peer, minimum in ANCHOR_SPEEDUPS:
+            for group in anchors:
+                ours, theirs = medians.get((group, provider)), medians.get((group, peer))
+                speedup = theirs / ours if ours and theirs else None
+                label = f"anchor training step × {peer} ≥ {minimum:g} ({groups[group].precision})"
+                checks.append(
+                    Check(backend, label, speedup, speedup is not None and speedup >= minimum)
+                )
+    return checks
+
+
+def format_checks(checks: Sequence[Check]) -> str:
+    lines = [c.line() for c in checks]
+    for backend in sorted({c.backend for c in checks}):
+        mine = [c for c in checks if c.backend == backend]
+        measured = [c for c in mine if c.measured is not None]
+        lines.append(
+            f"{backend}: {sum(c.met for c in mine)} of {len(mine)} targets met "
+            f"({len(mine) - len(measured)} not measured)"
+        )
+    return "\n".join(lines) if lines else "no fp16/bf16 rows of a fused backend in this run"
+
+
+def main(argv: Sequence[str] | None = None) -> list[Check]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.targets", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--input", default=str(RESULTS_DIR / JSONL_NAME))
+    parser.add_argument("--run", help="a run_id (default: the latest CUDA run, else the latest)")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.input)
+    if args.run:
+        selected = [run for run in runs if run[0]["run_id"] == args.run]
+    else:
+        # The latest CUDA run, with every run of the same commit on the same GPU
+        # (scripts/gpu_check.sh runs the preset one shape at a time).
+        cuda = [run for run in runs if run[0]["device"] == "cuda"] or runs
+        if cuda:
+            last = cuda[-1][0]
+            same = ("device_model", "git_commit")
+            selected = [run for run in cuda if all(run[0][k] == last[k] for k in same)]
+        else:
+            selected = []
+    if not selected:
+        raise SystemExit(f"no run {args.run!r} in {args.input}" if args.run else "no runs")
+    meta = selected[-1][0]
+    rows = [row for _, run_rows in selected for row in run_rows]  # later runs win
+    print(describe(meta))
+    checks = check(rows)
+    print(format_checks(checks))
+    return checks
+
+
+if __name__ == "__main__":
+    main()
