@@ -86,8 +86,16 @@ if has_cuda_kernels; then
 else
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
   export LORA_KERNELS_BUILD_CUDA=1 # fail loudly instead of a silent CPU-only build
+  # pip needs setuptools >= 77 for the project's metadata (SPDX license); a
+  # machine without it and without a network builds the module alone, from
+  # a copy of the sources without pyproject.toml.
   step "build (pip install -e)" 300 "$BUILD_LOG" \
-    "$PYTHON" -m pip install --no-build-isolation --no-deps -e . || FAILED=1
+    "$PYTHON" -m pip install --no-build-isolation --no-deps -e . ||
+    step "build (setup.py build_ext, module alone)" 300 "$BUILD_LOG" bash -c '
+      tmp=$(mktemp -d) && cp -r setup.py csrc lora_kernels "$tmp"/ &&
+        (cd "$tmp" && "$0" setup.py build_ext --inplace) &&
+        cp "$tmp"/lora_kernels/_C*.so lora_kernels/' "$PYTHON" ||
+    FAILED=1
 fi
 step "CUDA kernels registered" 60 "$BUILD_LOG" "$PYTHON" -c "
 import lora_kernels
