@@ -266,3 +266,59 @@ def test_compile_inductor_training_step(cuda_backend):
 def test_auto_prefers_a_gpu_backend(cuda_backend):
     chosen = lora_kernels._ops.resolve_backend("auto", torch.randn(2, 3, device="cuda"))
     assert chosen.name in ("triton", "cuda")
+
+
+def _keep_rows(seed: torch.Tensor, rows: torch.Tensor, K: int, p: float) -> torch.Tensor:
+    """The dropout keep-mask of some rows of an M × K input (philox.h's definition)."""
+    from lora_kernels.dropout import dropout_threshold, philox4x32
+
+    index = rows[:, None].to(torch.int64) * K + torch.arange(K, device=rows.device)
+    quads = index >> 2
+    words = torch.stack(philox4x32(seed.reshape(()), quads & 0xFFFFFFFF, quads >> 32), dim=-1)
+    word = torch.gather(words, -1, (index & 3)[..., None])[..., 0]
+    return word >= dropout_threshold(p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_more_than_2_31_elements(cuda_backend, dropout_p):
+    # x of 65536 × 32768 bf16 holds 2**31 elements: every index of the kernels
+    # (and the dropout mask's element index) must be 64-bit.
+    M, K, N, r, scaling = 65536, 32768, 16, 8, 0.5
+    cuda = {"device": "cuda", "dtype": torch.bfloat16}
+    x = torch.randn(M, K, **cuda).requires_grad_()
+    weight = torch.randn(N, K, **cuda) / K**0.5
+    lora_A = (torch.randn(r, K, **cuda) / K**0.5).requires_grad_()
+    lora_B = (torch.randn(N, r, **cuda) / r**0.5).requires_grad_()
+    grad_y = torch.randn(M, N, **cuda)
+    torch.manual_seed(11)
+    y = lora_kernels.lora_linear(
+        x, weight, lora_A, lora_B, scaling, dropout_p=dropout_p, backend="cuda"
+    )
+    y.backward(grad_y)
+    torch.manual_seed(11)
+    seed = lora_kernels.dropout.draw_seed("cuda")
+
+    # y and dx of sampled rows, the last ones included, against float64.
+    rows = torch.tensor([0, 1, M // 2, M - 2, M - 1], device="cuda")
+    keep = (
+        _keep_rows(seed, rows, K, dropout_p).double() / (1 - dropout_p)
+        if dropout_p
+        else torch.ones(len(rows), K, device="cuda", dtype=torch.float64)
+    )
+    xr, dyr = x.detach()[rows].double(), grad_y[rows].double()
+    W, A, B = weight.double(), lora_A.detach().double(), lora_B.detach().double()
+    y_ref = xr @ W.t() + scaling * ((xr * keep) @ A.t()) @ B.t()
+    dx_ref = dyr @ W + keep * ((scaling * dyr @ B) @ A)
+    torch.testing.assert_close(y[rows].double(), y_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad[rows].double(), dx_ref, rtol=2e-2, atol=2e-2)
+    # dA and dB sum over every row: the torch backend on the same inputs and seed.
+    reference = [t.detach().clone().requires_grad_() for t in (lora_A, lora_B)]
+    torch.manual_seed(11)
+    y_torch = lora_kernels.lora_linear(
+        x.detach(), weight, *reference, scaling, dropout_p=dropout_p, backend="torch"
+    )
+    y_torch.backward(grad_y)
+    for ours, theirs in ((lora_A.grad, reference[0].grad), (lora_B.grad, reference[1].grad)):
+        scale = theirs.float().abs().max().item()
+        assert (ours.float() - theirs.float()).abs().max().item() <= 2e-2 * scale

@@ -12,7 +12,9 @@
 //     dS_partials[n_chunk][m][j], which only this thread of this block ever
 //     touches (plain read-modify-write in program order, no atomics).
 // The partials are then summed over chunks in a fixed order and scaled by s
-// (reduce_partials.cu), so the result is deterministic.
+// (reduce_partials.cu), so the result is deterministic. fp16/bf16 inputs run
+// tensor_core::dy_pass_kernel, the same plan with 64 × 32 tiles of dy on
+// tensor cores; this file's SIMT kernel serves fp32 and fp64 inputs.
 #include "lora_cuda_common.cuh"
 #include "lora_cuda_kernels.h"
 
@@ -152,25 +154,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-}  // namespace
-
-void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& S,
-             double scaling, at::Tensor* dS, at::Tensor* grad_B) {
-  const int64_t M = grad_y.size(0), N = grad_y.size(1), r = lora_B.size(1);
-  if (dS == nullptr && grad_B == nullptr) return;
-  if (M == 0 || N == 0) {
-    if (dS != nullptr) dS->zero_();
-    if (grad_B != nullptr) grad_B->zero_();
-    return;
-  }
-  const at::Tensor B = lora_B.contiguous();
-  const at::Tensor S_c = S.contiguous();
-  const int BR = rank_tile(r);
-  const int64_t r_tiles = ceil_div(r, BR);
-  const int64_t m_tiles = ceil_div(M, kTile);
-  const int64_t n_tiles = ceil_div(N, kTile);
-  // Share the target block count between the two axes in proportion to their
-  // tile counts (square chunks of tiles), then size each axis' chunks.
+// Chunks of the M × N tile plane, (M tiles per chunk, N tiles per chunk), for
+// about target_blocks() blocks with r_tiles rank tiles each: the block count
+// is shared between the axes in proportion to their tile counts (square
+// chunks of tiles), and every chunk spans at least kMinTilesPerChunk tiles
+// where the axis has them.
+std::pair<int64_t, int64_t> plane_chunks(int64_t m_tiles, int64_t n_tiles, int64_t r_tiles) {
   const double target_chunks =
       std::max(1.0, static_cast<double>(target_blocks()) / static_cast<double>(r_tiles));
   const int64_t m_chunks_wanted = std::clamp<int64_t>(
@@ -184,6 +173,29 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
       std::min(n_tiles, kMaxGridYZ));
   const int64_t n_per_chunk =
       std::max(ceil_div(n_tiles, n_chunks_wanted), std::min(n_tiles, kMinTilesPerChunk));
+  return {m_per_chunk, n_per_chunk};
+}
+
+}  // namespace
+
+void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& S,
+             double scaling, at::Tensor* dS, at::Tensor* grad_B) {
+  const int64_t M = grad_y.size(0), N = grad_y.size(1), r = lora_B.size(1);
+  if (dS == nullptr && grad_B == nullptr) return;
+  if (M == 0 || N == 0) {
+    if (dS != nullptr) dS->zero_();
+    if (grad_B != nullptr) grad_B->zero_();
+    return;
+  }
+  const at::Tensor B = lora_B.contiguous();
+  const at::Tensor S_c = S.contiguous();
+  const bool tensor_cores = uses_tensor_cores(grad_y);
+  const int BR = rank_tile(r);
+  const int64_t r_tiles = ceil_div(r, BR);
+  const int64_t m_tiles = ceil_div(M, tensor_cores ? tensor_core::kDyRows : kTile);
+  const int64_t n_tiles = ceil_div(N, tensor_cores ? tensor_core::kDyCols : kTile);
+  const auto [m_per_chunk, n_per_chunk] = plane_chunks(m_tiles, n_tiles, r_tiles);
+  const int64_t m_chunks = ceil_div(m_tiles, m_per_chunk);
   const int64_t n_chunks = ceil_div(n_tiles, n_per_chunk);
   check_grid_yz(n_chunks, "the N chunks of the dy pass");
   check_grid_yz(r_tiles, "the rank tiles of the dy pass");
@@ -196,20 +208,38 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
                   static_cast<unsigned>(r_tiles));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
+  // Partials in the accumulate dtype (fp32 for every 16-bit input).
   dispatch_input_dtype(grad_y.scalar_type(), "grad_y", [&](auto dy_tag, auto acc_tag) {
     using scalar_t = decltype(dy_tag);
     using acc_t = decltype(acc_tag);
-    dispatch_adapter_dtype<scalar_t, acc_t>(B, [&](auto b_tag) {
-      using b_t = decltype(b_tag);
-      dispatch_rank_tile(r, [&](auto br) {
-        dy_pass_kernel<scalar_t, b_t, acc_t, decltype(br)::value><<<grid, kThreads, 0, stream>>>(
-            grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0), grad_y.stride(1),
-            B.const_data_ptr<b_t>(), S_c.const_data_ptr<acc_t>(), M, N, r, m_per_chunk,
-            n_per_chunk, dS != nullptr ? dS_partials.mutable_data_ptr<acc_t>() : nullptr,
-            grad_B != nullptr ? dB_partials.mutable_data_ptr<acc_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    acc_t* dS_out = dS != nullptr ? dS_partials.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* dB_out = grad_B != nullptr ? dB_partials.mutable_data_ptr<acc_t>() : nullptr;
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      using Format = std::conditional_t<std::is_same_v<scalar_t, at::Half>, Fp16, Bf16>;
+      dispatch_adapter_storage(B, [&](auto adapter) {
+        using AdapterT = decltype(adapter);
+        dispatch_rank_tile(r, [&](auto br) {
+          tensor_core::dy_pass_kernel<Format, AdapterT, decltype(br)::value>
+              <<<grid, tensor_core::kThreads, 0, stream>>>(
+                  tensor_core_input(grad_y), adapter_data<AdapterT>(B),
+                  S_c.const_data_ptr<float>(), M, N, r, m_per_chunk, n_per_chunk, dS_out,
+                  dB_out);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
-    });
+    } else {
+      dispatch_adapter_dtype<scalar_t, acc_t>(B, [&](auto b_tag) {
+        using b_t = decltype(b_tag);
+        dispatch_rank_tile(r, [&](auto br) {
+          dy_pass_kernel<scalar_t, b_t, acc_t, decltype(br)::value>
+              <<<grid, kThreads, 0, stream>>>(
+                  grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0), grad_y.stride(1),
+                  B.const_data_ptr<b_t>(), S_c.const_data_ptr<acc_t>(), M, N, r, m_per_chunk,
+                  n_per_chunk, dS_out, dB_out);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    }
   });
   if (dS != nullptr) reduce_partials(dS_partials, scaling, *dS);
   if (grad_B != nullptr) reduce_partials(dB_partials, scaling, *grad_B);

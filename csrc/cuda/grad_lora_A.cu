@@ -1,5 +1,7 @@
 // grad_A = dSᵀ·x̃ (r×K), the dropout mask regenerated while x is loaded.
 //
+// fp16/bf16 inputs run tensor_core::grad_A_kernel; this file's SIMT kernel
+// serves fp32 and fp64 inputs, with the same split and reduction logic.
 // The reduction runs over M, usually the longest axis, so the grid splits M
 // (split-M) when the r x K tile grid alone would leave SMs idle. A block owns
 // a BR x 64 tile of grad_A for one M range and walks it 32 rows at a time,
@@ -94,6 +96,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The tensor-core path: the same split and reduction logic with its own tiles.
+void grad_lora_A_tensor_core(const at::Tensor& dS, const at::Tensor& x,
+                             const DropoutArgs& dropout, at::Tensor& grad_A) {
+  namespace tc = tensor_core;
+  const int64_t M = x.size(0), K = x.size(1), r = grad_A.size(0);
+  const int64_t k_tiles = ceil_div(K, tc::kGradACols);
+  const int64_t r_tiles = ceil_div(r, rank_tile(r));
+  const int64_t m_tiles = ceil_div(M, tc::kGradARows);
+  const int64_t m_per_split = tiles_per_chunk(m_tiles, k_tiles * r_tiles, kMinMTilesPerSplit);
+  const int64_t splits = ceil_div(m_tiles, m_per_split);
+  check_grid_yz(r_tiles, "the rank tiles of grad_A");
+  check_grid_yz(splits, "the M splits of grad_A");
+  const bool direct = splits == 1 && grad_A.scalar_type() == at::kFloat;
+  at::Tensor partials = direct ? grad_A : at::empty({splits, r, K}, dS.options());
+  const float epilogue_scale = direct ? static_cast<float>(dropout.inv_keep) : 1.0f;
+  const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(r_tiles),
+                  static_cast<unsigned>(splits));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_16bit_format(x.scalar_type(), [&](auto format) {
+    dispatch_rank_tile(r, [&](auto br) {
+      dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
+        tc::grad_A_kernel<decltype(format), decltype(br)::value, decltype(with_dropout)::value>
+            <<<grid, tc::kThreads, 0, stream>>>(
+                dS.const_data_ptr<float>(), tensor_core_input(x),
+                partials.mutable_data_ptr<float>(), M, K, r, m_per_split, epilogue_scale,
+                dropout.seed, dropout.threshold);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  if (!direct) reduce_partials(partials, dropout.inv_keep, grad_A);
+}
+
 }  // namespace
 
 void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
@@ -107,6 +142,7 @@ void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
   TORCH_CHECK(grad_A.is_contiguous(), "lora_kernels: grad_A must be contiguous");
   const at::Tensor dS_c = dS.contiguous();
   const DropoutArgs dropout = dropout_args(dropout_p, seed);
+  if (uses_tensor_cores(x)) return grad_lora_A_tensor_core(dS_c, x, dropout, grad_A);
   const int BR = rank_tile(r);
   const int64_t k_tiles = ceil_div(K, kBK);
   const int64_t r_tiles = ceil_div(r, BR);
@@ -125,7 +161,7 @@ void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
                   static_cast<unsigned>(splits));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  dispatch_input_dtype(x.scalar_type(), "x", [&](auto x_tag, auto acc_tag) {
+  dispatch_exact_input_dtype(x.scalar_type(), "x", [&](auto x_tag, auto acc_tag) {
     using scalar_t = decltype(x_tag);
     using acc_t = decltype(acc_tag);
     dispatch_rank_tile(r, [&](auto br) {

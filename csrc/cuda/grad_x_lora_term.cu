@@ -1,5 +1,8 @@
 // The LoRA term of grad_x, added in place: grad_x += D ⊙ (dS·A) / (1 − p).
 //
+// fp16/bf16 inputs run tensor_core::add_grad_x_kernel (the term on tensor
+// cores, grad_x read and written 16 bytes at a time); this file's SIMT kernel
+// serves fp32 and fp64 inputs.
 // grad_x already holds dy·W0 (cuBLAS). A block owns a 64x64 tile of grad_x
 // and loops over r in chunks of 16, staging dS (rank-major) and A in shared
 // memory. Each thread owns four rows (strided by 16) of four consecutive
@@ -98,13 +101,36 @@ void add_lora_grad_x(const at::Tensor& dS, const at::Tensor& lora_A, double drop
   const at::Tensor A = lora_A.contiguous();
   const at::Tensor dS_c = dS.contiguous();
   const DropoutArgs dropout = dropout_args(dropout_p, seed);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (uses_tensor_cores(grad_x)) {
+    namespace tc = tensor_core;
+    const int64_t k_tiles = ceil_div(K, tc::kGradXCols);
+    check_grid_yz(k_tiles, "the K tiles of grad_x");
+    const dim3 grid(static_cast<unsigned>(ceil_div(M, tc::kGradXRows)),
+                    static_cast<unsigned>(k_tiles));
+    const bool vectorized =
+        K % 8 == 0 && reinterpret_cast<uintptr_t>(grad_x.const_data_ptr()) % 16 == 0;
+    dispatch_16bit_format(grad_x.scalar_type(), [&](auto format) {
+      dispatch_adapter_storage(A, [&](auto adapter) {
+        using AdapterT = decltype(adapter);
+        dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
+          tc::add_grad_x_kernel<decltype(format), AdapterT, decltype(with_dropout)::value>
+              <<<grid, tc::kThreads, 0, stream>>>(
+                  dS_c.const_data_ptr<float>(), adapter_data<AdapterT>(A),
+                  static_cast<uint16_t*>(grad_x.mutable_data_ptr()), vectorized, M, K, r,
+                  static_cast<float>(dropout.inv_keep), dropout.seed, dropout.threshold);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+    return;
+  }
   const int64_t m_tiles = ceil_div(M, kBM);
   const int64_t k_tiles = ceil_div(K, kBK);
   check_grid_yz(k_tiles, "the K tiles of grad_x");
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(k_tiles));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  dispatch_input_dtype(grad_x.scalar_type(), "grad_x", [&](auto x_tag, auto acc_tag) {
+  dispatch_exact_input_dtype(grad_x.scalar_type(), "grad_x", [&](auto x_tag, auto acc_tag) {
     using scalar_t = decltype(x_tag);
     using acc_t = decltype(acc_tag);
     dispatch_adapter_dtype<scalar_t, acc_t>(A, [&](auto a_tag) {

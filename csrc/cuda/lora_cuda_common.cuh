@@ -21,7 +21,7 @@
 #include <optional>
 #include <type_traits>
 
-#include "philox.h"
+#include "tensor_core_kernels.cuh"
 
 namespace lora_kernels::cuda {
 
@@ -76,39 +76,6 @@ inline DropoutArgs dropout_args(double dropout_p, const std::optional<at::Tensor
   return args;
 }
 
-__device__ __forceinline__ uint32_t philox_word(const PhiloxOutput& out, int i) {
-  // Selects instead of out.c[i], which would spill the array to local memory.
-  return i == 0 ? out.c[0] : i == 1 ? out.c[1] : i == 2 ? out.c[2] : out.c[3];
-}
-
-// Keep bits of the four consecutive flattened elements base .. base+3 (bit c
-// set iff element base+c is kept), per the mask definition in philox.h. The
-// four share one Philox call when base is a multiple of 4 (any row when K % 4
-// == 0) and need two otherwise. Elements past the end of a row belong to the
-// next row; callers ignore their bits.
-__device__ __forceinline__ uint32_t keep_bits4(uint64_t seed, int64_t base, uint32_t threshold) {
-  const uint64_t quad = static_cast<uint64_t>(base) >> 2;
-  const int offset = static_cast<int>(base & 3);
-  const PhiloxOutput first =
-      philox4x32(seed, static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32));
-  uint32_t bits = 0;
-  if (offset == 0) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) bits |= static_cast<uint32_t>(first.c[c] >= threshold) << c;
-    return bits;
-  }
-  const uint64_t next_quad = quad + 1;
-  const PhiloxOutput second = philox4x32(seed, static_cast<uint32_t>(next_quad),
-                                         static_cast<uint32_t>(next_quad >> 32));
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const int word = offset + c;
-    const uint32_t u = word < 4 ? philox_word(first, word) : philox_word(second, word - 4);
-    bits |= static_cast<uint32_t>(u >= threshold) << c;
-  }
-  return bits;
-}
-
 // v[c] = x[m, k + c] in the accumulate type (0 past row M or column K), zeroed
 // where dropout drops the element; kept values are not scaled (the kernels
 // apply 1/(1-p) once to their accumulators). The four mask bits come from one
@@ -137,6 +104,41 @@ __device__ __forceinline__ void load_x_quad(const scalar_t* __restrict__ x, int6
 // Dispatch
 // ---------------------------------------------------------------------------
 
+// fp16/bf16 inputs run the tensor-core kernels (tensor_core_kernels.cuh); fp32
+// and fp64 the exact SIMT kernels of the .cu files.
+inline bool uses_tensor_cores(const at::Tensor& input) {
+  return input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+}
+
+// A 2-D fp16/bf16 tensor as the tensor-core kernels read it: rows are read 8
+// elements (16 bytes) at a time when the layout allows.
+inline tensor_core::Input tensor_core_input(const at::Tensor& t) {
+  const bool vectorized = t.stride(1) == 1 && t.stride(0) % 8 == 0 &&
+                          reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  return tensor_core::Input{static_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0),
+                            t.stride(1), vectorized};
+}
+
+// Calls f(Bf16{}) or f(Fp16{}) for a 16-bit input dtype.
+template <typename F>
+void dispatch_16bit_format(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kBFloat16) return f(Bf16{});
+  return f(Fp16{});
+}
+
+// An adapter of a 16-bit input is stored as the input (uint16_t bits) or fp32.
+template <typename F>
+void dispatch_adapter_storage(const at::Tensor& adapter, F&& f) {
+  if (adapter.scalar_type() == at::kFloat) return f(float{});
+  return f(uint16_t{});
+}
+
+// Pointer to an adapter's storage as the tensor-core kernels take it.
+template <typename T>
+const T* adapter_data(const at::Tensor& adapter) {
+  return static_cast<const T*>(adapter.const_data_ptr());
+}
+
 // Calls f(scalar_t{}, acc_t{}) for x's dtype; acc_t is float for
 // fp32/fp16/bf16 and double for fp64 (the dtype of S).
 template <typename F>
@@ -153,6 +155,21 @@ void dispatch_input_dtype(at::ScalarType dtype, const char* name, F&& f) {
     default:
       TORCH_CHECK(false, "lora_kernels: ", name,
                   " must be float32, float16, bfloat16 or float64, got ", dtype);
+  }
+}
+
+// The SIMT kernels' share of dispatch_input_dtype: fp32 and fp64 inputs (the
+// tensor-core kernels take fp16/bf16).
+template <typename F>
+void dispatch_exact_input_dtype(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{}, float{});
+    case at::kDouble:
+      return f(double{}, double{});
+    default:
+      TORCH_CHECK(false, "lora_kernels: the SIMT kernels take float32 or float64 ", name,
+                  ", got ", dtype);
   }
 }
 

@@ -1,6 +1,7 @@
 // Shrink: S = x̃·Aᵀ (M×r) with the dropout mask fused into the loads of x.
 //
-// A block computes a BM x BR tile of S over a range of K (split-K when the
+// fp16/bf16 inputs run tensor_core::shrink_kernel; this file's SIMT kernel
+// serves fp32 and fp64 inputs. A block computes a BM x BR tile of S over a range of K (split-K when the
 // M x r tile grid alone would leave SMs idle, e.g. small M). Per BK step it
 // stages the masked x tile and the A tile in shared memory, transposed to
 // k-major so that the inner product reads one broadcast word per row and 16
@@ -104,6 +105,40 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The tensor-core path: the same grid and split logic with its own tiles.
+void shrink_tensor_core(const at::Tensor& x, const at::Tensor& A, const DropoutArgs& dropout,
+                        at::Tensor& S) {
+  namespace tc = tensor_core;
+  const int64_t M = x.size(0), K = x.size(1), r = A.size(0);
+  const int64_t m_tiles = ceil_div(M, tc::kShrinkRows);
+  const int64_t r_tiles = ceil_div(r, rank_tile(r));
+  const int64_t k_tiles = ceil_div(K, tc::kShrinkK);
+  const int64_t k_per_split = tiles_per_chunk(k_tiles, m_tiles * r_tiles, kMinKTilesPerSplit);
+  const int64_t splits = ceil_div(k_tiles, k_per_split);
+  check_grid_yz(r_tiles, "the rank tiles of the shrink");
+  check_grid_yz(splits, "the K splits of the shrink");
+  at::Tensor partials = splits == 1 ? S : at::empty({splits, M, r}, S.options());
+  const float epilogue_scale = splits == 1 ? static_cast<float>(dropout.inv_keep) : 1.0f;
+  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(r_tiles),
+                  static_cast<unsigned>(splits));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_16bit_format(x.scalar_type(), [&](auto format) {
+    dispatch_adapter_storage(A, [&](auto adapter) {
+      using AdapterT = decltype(adapter);
+      dispatch_rank_tile(r, [&](auto br) {
+        dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
+          tc::shrink_kernel<decltype(format), AdapterT, decltype(br)::value,
+                            decltype(with_dropout)::value><<<grid, tc::kThreads, 0, stream>>>(
+              tensor_core_input(x), adapter_data<AdapterT>(A), partials.mutable_data_ptr<float>(),
+              M, K, r, k_per_split, epilogue_scale, dropout.seed, dropout.threshold);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+  });
+  if (splits > 1) reduce_partials(partials, dropout.inv_keep, S);
+}
+
 }  // namespace
 
 void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
@@ -116,6 +151,7 @@ void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
   }
   const at::Tensor A = lora_A.contiguous();
   const DropoutArgs dropout = dropout_args(dropout_p, seed);
+  if (uses_tensor_cores(x)) return shrink_tensor_core(x, A, dropout, S);
   const int BR = rank_tile(r);
   const int64_t m_tiles = ceil_div(M, kBM);
   const int64_t r_tiles = ceil_div(r, BR);
@@ -133,7 +169,7 @@ void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
                   static_cast<unsigned>(splits));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  dispatch_input_dtype(x.scalar_type(), "x", [&](auto x_tag, auto acc_tag) {
+  dispatch_exact_input_dtype(x.scalar_type(), "x", [&](auto x_tag, auto acc_tag) {
     using scalar_t = decltype(x_tag);
     using acc_t = decltype(acc_tag);
     dispatch_adapter_dtype<scalar_t, acc_t>(A, [&](auto a_tag) {

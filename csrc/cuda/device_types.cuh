@@ -1,0 +1,119 @@
+// Device building blocks of the tensor-core kernels that need no ATen: 16-bit
+// storage formats and their conversions, 16-byte vector accesses, and the
+// dropout keep bits. Free of ATen so that the kernels also compile as host C++
+// under the CPU emulation harness (tests/cuda_emulation), which defines
+// LORA_CUDA_EMULATION and supplies host versions of the CUDA built-ins used here.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "philox.h"
+
+#if defined(LORA_CUDA_EMULATION)
+#include "cuda_emulation.h"
+#define LORA_DEVICE inline
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define LORA_DEVICE __device__ __forceinline__
+#endif
+
+namespace lora_kernels::cuda {
+
+// 16-bit floating-point storage formats; tensors of them are passed to the
+// tensor-core kernels as raw uint16_t bits.
+struct Bf16 {};
+struct Fp16 {};
+
+template <typename Format>
+LORA_DEVICE float bits_to_float(uint16_t bits) {
+  if constexpr (std::is_same_v<Format, Bf16>) {
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  } else {
+    return __half2float(__ushort_as_half(bits));
+  }
+}
+
+// Round to nearest even, as torch's casts do.
+template <typename Format>
+LORA_DEVICE uint16_t float_to_bits(float value) {
+  if constexpr (std::is_same_v<Format, Bf16>) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(value));
+  } else {
+    return __half_as_ushort(__float2half_rn(value));
+  }
+}
+
+// An element of an operand tile as fp32: fp32 adapters as they are, 16-bit
+// storage converted.
+template <typename Format>
+LORA_DEVICE float element_to_float(float value) {
+  return value;
+}
+template <typename Format>
+LORA_DEVICE float element_to_float(uint16_t bits) {
+  return bits_to_float<Format>(bits);
+}
+
+// Eight 16-bit elements at a 16-byte aligned address, as fp32.
+template <typename Format>
+LORA_DEVICE void load8_as_float(const uint16_t* src, float (&v)[8]) {
+  const uint4 q = *reinterpret_cast<const uint4*>(src);
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    v[2 * w] = bits_to_float<Format>(static_cast<uint16_t>(words[w] & 0xFFFFu));
+    v[2 * w + 1] = bits_to_float<Format>(static_cast<uint16_t>(words[w] >> 16));
+  }
+}
+
+// Eight fp32 values rounded to 16 bits, stored at a 16-byte aligned address.
+template <typename Format>
+LORA_DEVICE void store8_from_float(uint16_t* dst, const float (&v)[8]) {
+  uint32_t words[4];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    words[w] = static_cast<uint32_t>(float_to_bits<Format>(v[2 * w])) |
+               (static_cast<uint32_t>(float_to_bits<Format>(v[2 * w + 1])) << 16);
+  }
+  *reinterpret_cast<uint4*>(dst) = uint4{words[0], words[1], words[2], words[3]};
+}
+
+// ---------------------------------------------------------------------------
+// Dropout keep bits (mask definition: philox.h)
+// ---------------------------------------------------------------------------
+
+LORA_DEVICE uint32_t philox_word(const PhiloxOutput& out, int i) {
+  // Selects instead of out.c[i], which would spill the array to local memory.
+  return i == 0 ? out.c[0] : i == 1 ? out.c[1] : i == 2 ? out.c[2] : out.c[3];
+}
+
+// Keep bits of the four consecutive flattened elements base .. base+3 (bit c
+// set iff element base+c is kept). The four share one Philox call when base is
+// a multiple of 4 (any row when K % 4 == 0) and need two otherwise. Elements
+// past the end of a row belong to the next row; callers ignore their bits.
+LORA_DEVICE uint32_t keep_bits4(uint64_t seed, int64_t base, uint32_t threshold) {
+  const uint64_t quad = static_cast<uint64_t>(base) >> 2;
+  const int offset = static_cast<int>(base & 3);
+  const PhiloxOutput first =
+      philox4x32(seed, static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32));
+  uint32_t bits = 0;
+  if (offset == 0) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) bits |= static_cast<uint32_t>(first.c[c] >= threshold) << c;
+    return bits;
+  }
+  const uint64_t next_quad = quad + 1;
+  const PhiloxOutput second = philox4x32(seed, static_cast<uint32_t>(next_quad),
+                                         static_cast<uint32_t>(next_quad >> 32));
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int word = offset + c;
+    const uint32_t u = word < 4 ? philox_word(first, word) : philox_word(second, word - 4);
+    bits |= static_cast<uint32_t>(u >= threshold) << c;
+  }
+  return bits;
+}
+
+}  // namespace lora_kernels::cuda

@@ -1,0 +1,391 @@
+// Runs the tensor-core kernels of the cuda backend (csrc/cuda/tensor_core_kernels.cuh)
+// on the CPU under the emulation of cuda_emulation.h and wmma_emulation.h, and
+// checks every output against a float64 reference of the same math: fp32
+// operands rounded to TF32 as the kernels round them, the same dropout mask.
+// What it checks is the indexing -- tiles, tails, strides, splits, chunks,
+// staging, vectorised and scalar paths, the mask -- not the device's speed.
+// Built and run by tests/test_cuda_emulation.py (with AddressSanitizer and
+// UndefinedBehaviorSanitizer); prints one line per case and "ALL OK" at the end.
+#define LORA_CUDA_EMULATION 1
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/tensor_core_kernels.cuh"
+
+namespace lk = lora_kernels;
+namespace tc = lora_kernels::cuda::tensor_core;
+using lk::cuda::Bf16;
+using lk::cuda::Fp16;
+
+namespace {
+
+std::mt19937_64 rng(20261128);
+int failures = 0;
+
+std::vector<float> randn(size_t n, float scale = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& e : v) e = dist(rng);
+  return v;
+}
+
+template <typename Format>
+std::vector<uint16_t> to_bits(const std::vector<float>& v) {
+  std::vector<uint16_t> bits(v.size());
+  for (size_t i = 0; i < v.size(); ++i) bits[i] = lk::cuda::float_to_bits<Format>(v[i]);
+  return bits;
+}
+
+template <typename Format>
+double value(uint16_t bits) {
+  return lk::cuda::bits_to_float<Format>(bits);
+}
+
+// What the kernels multiply an fp32 operand by: its nearest TF32 value.
+double tf32(float v) { return lk::emulation::wmma::__float_to_tf32(v); }
+
+// An operand in the adapters' storage (16-bit bits or fp32) and its value as
+// the tensor cores see it (16-bit values are exact in TF32).
+template <typename Format, typename T>
+struct Operand {
+  std::vector<T> data;
+  double at(size_t i) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return tf32(data[i]);
+    } else {
+      return value<Format>(data[i]);
+    }
+  }
+};
+
+template <typename Format, typename T>
+Operand<Format, T> make_operand(size_t n, float scale) {
+  std::vector<float> v = randn(n, scale);
+  if constexpr (std::is_same_v<T, float>) {
+    return {v};
+  } else {
+    return {to_bits<Format>(v)};
+  }
+}
+
+struct Mask {
+  uint64_t seed;
+  double p;
+  uint32_t threshold;
+  bool keep(int64_t m, int64_t k, int64_t K) const {
+    return p == 0.0 || lk::dropout_random_word(seed, m * K + k) >= threshold;
+  }
+  double inv_keep() const { return 1.0 / (1.0 - p); }
+};
+
+Mask make_mask(double p) {
+  return Mask{rng(), p, p > 0.0 ? lk::dropout_threshold(p) : 0u};
+}
+
+// An M × K 16-bit input, contiguous (vectorised when K allows) or stored
+// transposed (column stride != 1: the scalar path).
+template <typename Format>
+struct InputMatrix {
+  std::vector<uint16_t> storage;
+  int64_t M, K;
+  bool transposed;
+  uint16_t at(int64_t m, int64_t k) const {
+    return transposed ? storage[k * M + m] : storage[m * K + k];
+  }
+  tc::Input input() const {
+    if (transposed) return tc::Input{storage.data(), 1, M, false};
+    const bool aligned = reinterpret_cast<uintptr_t>(storage.data()) % 16 == 0 && K % 8 == 0;
+    return tc::Input{storage.data(), K, 1, aligned};
+  }
+};
+
+template <typename Format>
+InputMatrix<Format> make_input(int64_t M, int64_t K, bool transposed) {
+  return InputMatrix<Format>{to_bits<Format>(randn(static_cast<size_t>(M * K))), M, K, transposed};
+}
+
+// got vs expected, each element within rel·bound[i] (bound: Σ|terms| of the
+// element, the scale of its fp32 accumulation error) plus abs.
+void check(const std::string& name, const std::vector<double>& got,
+           const std::vector<double>& expected, const std::vector<double>& bound, double rel,
+           double abs = 1e-30) {
+  size_t bad = 0, first = 0;
+  double worst = 0.0;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const double err = std::fabs(got[i] - expected[i]);
+    const double allowed = rel * bound[i] + abs;
+    if (!(err <= allowed)) {
+      if (bad++ == 0) first = i;
+    }
+    if (bound[i] > 0) worst = std::max(worst, err / bound[i]);
+  }
+  if (bad) {
+    ++failures;
+    std::printf("FAIL %s: %zu of %zu elements off (first at %zu: got %.9g, want %.9g)\n",
+                name.c_str(), bad, expected.size(), first, got[first], expected[first]);
+  } else {
+    std::printf("ok   %s (max error %.2e of the accumulation scale)\n", name.c_str(), worst);
+  }
+}
+
+int rank_tile(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : 64; }
+
+template <typename F>
+void dispatch_rank(int64_t r, F&& f) {
+  switch (rank_tile(r)) {
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    default:
+      return f(std::integral_constant<int, 64>{});
+  }
+}
+
+// Σ over the leading (split) axis of partials of `numel` elements.
+std::vector<double> sum_partials(const std::vector<float>& partials, size_t numel, double scale) {
+  std::vector<double> out(numel, 0.0);
+  for (size_t c = 0; c < partials.size() / numel; ++c)
+    for (size_t e = 0; e < numel; ++e) out[e] += partials[c * numel + e];
+  for (double& e : out) e *= scale;
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+
+template <typename Format, typename AdapterT>
+void shrink_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int64_t splits) {
+  auto x = make_input<Format>(M, K, transposed);
+  auto A = make_operand<Format, AdapterT>(static_cast<size_t>(r * K), 0.1f);
+  const Mask mask = make_mask(p);
+  const int64_t k_tiles = tc::ceil_div(K, tc::kShrinkK);
+  const int64_t per_split = tc::ceil_div(k_tiles, splits);
+  const int64_t used_splits = tc::ceil_div(k_tiles, per_split);
+  std::vector<float> out(static_cast<size_t>(used_splits * M * r), -1.0f);
+  const int64_t seed = static_cast<int64_t>(mask.seed);
+  const float scale = used_splits == 1 ? static_cast<float>(mask.inv_keep()) : 1.0f;
+  dispatch_rank(r, [&](auto br) {
+    constexpr int kBR = decltype(br)::value;
+    auto run = [&](auto dropout) {
+      lk::emulation::launch(
+          dim3(tc::ceil_div(M, tc::kShrinkRows), tc::ceil_div(r, kBR), used_splits),
+          dim3(tc::kThreads), tc::shrink_kernel<Format, AdapterT, kBR, decltype(dropout)::value>,
+          x.input(), A.data.data(), out.data(), M, K, r, per_split, scale, &seed, mask.threshold);
+    };
+    if (p > 0) run(std::true_type{});
+    else run(std::false_type{});
+  });
+  const std::vector<double> got =
+      sum_partials(out, static_cast<size_t>(M * r), used_splits == 1 ? 1.0 : mask.inv_keep());
+  std::vector<double> expected(got.size()), bound(got.size());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < r; ++j) {
+      double sum = 0.0, abs_sum = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (!mask.keep(m, k, K)) continue;
+        const double term = value<Format>(x.at(m, k)) * A.at(static_cast<size_t>(j * K + k));
+        sum += term;
+        abs_sum += std::fabs(term);
+      }
+      expected[m * r + j] = sum * mask.inv_keep();
+      bound[m * r + j] = abs_sum * mask.inv_keep();
+    }
+  char name[160];
+  std::snprintf(name, sizeof name, "shrink %s adapters=%s M=%lld K=%lld r=%lld p=%g %s splits=%lld",
+                std::is_same_v<Format, Bf16> ? "bf16" : "fp16",
+                std::is_same_v<AdapterT, float> ? "fp32" : "16-bit", (long long)M, (long long)K,
+                (long long)r, p, transposed ? "strided" : "contiguous", (long long)used_splits);
+  check(name, got, expected, bound, 1e-5);
+}
+
+template <typename Format, typename AdapterT>
+void dy_pass_case(int64_t M, int64_t N, int64_t r, bool want_dS, bool want_dB, bool transposed,
+                  int64_t m_per_chunk, int64_t n_per_chunk) {
+  auto dy = make_input<Format>(M, N, transposed);
+  auto B = make_operand<Format, AdapterT>(static_cast<size_t>(N * r), 0.3f);
+  const std::vector<float> S = randn(static_cast<size_t>(M * r), 0.5f);
+  const int64_t m_chunks = tc::ceil_div(tc::ceil_div(M, tc::kDyRows), m_per_chunk);
+  const int64_t n_chunks = tc::ceil_div(tc::ceil_div(N, tc::kDyCols), n_per_chunk);
+  std::vector<float> dS(static_cast<size_t>(n_chunks * M * r), -1.0f);
+  std::vector<float> dB(static_cast<size_t>(m_chunks * N * r), -1.0f);
+  dispatch_rank(r, [&](auto br) {
+    constexpr int kBR = decltype(br)::value;
+    lk::emulation::launch(dim3(m_chunks, n_chunks, tc::ceil_div(r, kBR)), dim3(tc::kThreads),
+                          tc::dy_pass_kernel<Format, AdapterT, kBR>, dy.input(), B.data.data(),
+                          S.data(), M, N, r, m_per_chunk, n_per_chunk,
+                          want_dS ? dS.data() : nullptr, want_dB ? dB.data() : nullptr);
+  });
+  char suffix[200];
+  std::snprintf(suffix, sizeof suffix, "%s adapters=%s M=%lld N=%lld r=%lld %s chunks=%lldx%lld",
+                std::is_same_v<Format, Bf16> ? "bf16" : "fp16",
+                std::is_same_v<AdapterT, float> ? "fp32" : "16-bit", (long long)M, (long long)N,
+                (long long)r, transposed ? "strided" : "contiguous", (long long)m_chunks,
+                (long long)n_chunks);
+  if (want_dS) {
+    const std::vector<double> got = sum_partials(dS, static_cast<size_t>(M * r), 1.0);
+    std::vector<double> expected(got.size()), bound(got.size());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < r; ++j) {
+        double sum = 0.0, abs_sum = 0.0;
+        for (int64_t n = 0; n < N; ++n) {
+          const double term = value<Format>(dy.at(m, n)) * B.at(static_cast<size_t>(n * r + j));
+          sum += term;
+          abs_sum += std::fabs(term);
+        }
+        expected[m * r + j] = sum;
+        bound[m * r + j] = abs_sum;
+      }
+    check(std::string("dy pass dS ") + suffix, got, expected, bound, 1e-5);
+  }
+  if (want_dB) {
+    const std::vector<double> got = sum_partials(dB, static_cast<size_t>(N * r), 1.0);
+    std::vector<double> expected(got.size()), bound(got.size());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < r; ++j) {
+        double sum = 0.0, abs_sum = 0.0;
+        for (int64_t m = 0; m < M; ++m) {
+          const double term = value<Format>(dy.at(m, n)) * tf32(S[m * r + j]);
+          sum += term;
+          abs_sum += std::fabs(term);
+        }
+        expected[n * r + j] = sum;
+        bound[n * r + j] = abs_sum;
+      }
+    check(std::string("dy pass dB ") + suffix, got, expected, bound, 1e-5);
+  }
+}
+
+template <typename Format>
+void grad_A_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int64_t splits) {
+  auto x = make_input<Format>(M, K, transposed);
+  const std::vector<float> dS = randn(static_cast<size_t>(M * r), 0.5f);
+  const Mask mask = make_mask(p);
+  const int64_t m_tiles = tc::ceil_div(M, tc::kGradARows);
+  const int64_t per_split = tc::ceil_div(m_tiles, splits);
+  const int64_t used_splits = tc::ceil_div(m_tiles, per_split);
+  std::vector<float> out(static_cast<size_t>(used_splits * r * K), -1.0f);
+  const int64_t seed = static_cast<int64_t>(mask.seed);
+  const float scale = used_splits == 1 ? static_cast<float>(mask.inv_keep()) : 1.0f;
+  dispatch_rank(r, [&](auto br) {
+    constexpr int kBR = decltype(br)::value;
+    auto run = [&](auto dropout) {
+      lk::emulation::launch(
+          dim3(tc::ceil_div(K, tc::kGradACols), tc::ceil_div(r, kBR), used_splits),
+          dim3(tc::kThreads), tc::grad_A_kernel<Format, kBR, decltype(dropout)::value>,
+          dS.data(), x.input(), out.data(), M, K, r, per_split, scale, &seed, mask.threshold);
+    };
+    if (p > 0) run(std::true_type{});
+    else run(std::false_type{});
+  });
+  const std::vector<double> got =
+      sum_partials(out, static_cast<size_t>(r * K), used_splits == 1 ? 1.0 : mask.inv_keep());
+  std::vector<double> expected(got.size()), bound(got.size());
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t k = 0; k < K; ++k) {
+      double sum = 0.0, abs_sum = 0.0;
+      for (int64_t m = 0; m < M; ++m) {
+        if (!mask.keep(m, k, K)) continue;
+        const double term = tf32(dS[m * r + j]) * value<Format>(x.at(m, k));
+        sum += term;
+        abs_sum += std::fabs(term);
+      }
+      expected[j * K + k] = sum * mask.inv_keep();
+      bound[j * K + k] = abs_sum * mask.inv_keep();
+    }
+  char name[160];
+  std::snprintf(name, sizeof name, "dA %s M=%lld K=%lld r=%lld p=%g %s splits=%lld",
+                std::is_same_v<Format, Bf16> ? "bf16" : "fp16", (long long)M, (long long)K,
+                (long long)r, p, transposed ? "strided" : "contiguous", (long long)used_splits);
+  check(name, got, expected, bound, 1e-5);
+}
+
+template <typename Format, typename AdapterT>
+void grad_x_case(int64_t M, int64_t K, int64_t r, double p) {
+  std::vector<uint16_t> grad_x = to_bits<Format>(randn(static_cast<size_t>(M * K)));
+  const std::vector<uint16_t> before = grad_x;
+  const std::vector<float> dS = randn(static_cast<size_t>(M * r), 0.5f);
+  auto A = make_operand<Format, AdapterT>(static_cast<size_t>(r * K), 0.5f);
+  const Mask mask = make_mask(p);
+  const int64_t seed = static_cast<int64_t>(mask.seed);
+  const bool vectorized = K % 8 == 0 && reinterpret_cast<uintptr_t>(grad_x.data()) % 16 == 0;
+  auto run = [&](auto dropout) {
+    lk::emulation::launch(
+        dim3(tc::ceil_div(M, tc::kGradXRows), tc::ceil_div(K, tc::kGradXCols)),
+        dim3(tc::kThreads), tc::add_grad_x_kernel<Format, AdapterT, decltype(dropout)::value>,
+        dS.data(), A.data.data(), grad_x.data(), vectorized, M, K, r,
+        static_cast<float>(mask.inv_keep()), &seed, mask.threshold);
+  };
+  if (p > 0) run(std::true_type{});
+  else run(std::false_type{});
+  // Expected: the 16-bit rounding of (value before + term); the term's fp32
+  // accumulation error may move a result across a rounding boundary, so the
+  // bound is one unit in the last place of the result plus that error.
+  std::vector<double> got(grad_x.size()), expected(grad_x.size()), bound(grad_x.size());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const size_t i = static_cast<size_t>(m * K + k);
+      double term = 0.0, abs_sum = 0.0;
+      for (int64_t j = 0; j < r; ++j) {
+        const double t = tf32(dS[m * r + j]) * A.at(static_cast<size_t>(j * K + k));
+        term += t;
+        abs_sum += std::fabs(t);
+      }
+      const bool keep = mask.keep(m, k, K);
+      const double exact = value<Format>(before[i]) + (keep ? term * mask.inv_keep() : 0.0);
+      const uint16_t rounded = lk::cuda::float_to_bits<Format>(static_cast<float>(exact));
+      expected[i] = value<Format>(rounded);
+      got[i] = value<Format>(grad_x[i]);
+      const double ulp = std::ldexp(1.0, std::ilogb(std::fabs(expected[i]) + 1e-30) -
+                                             (std::is_same_v<Format, Bf16> ? 7 : 10));
+      bound[i] = ulp + 1e-5 * abs_sum * mask.inv_keep();
+    }
+  char name[160];
+  std::snprintf(name, sizeof name, "dx term %s adapters=%s M=%lld K=%lld r=%lld p=%g %s",
+                std::is_same_v<Format, Bf16> ? "bf16" : "fp16",
+                std::is_same_v<AdapterT, float> ? "fp32" : "16-bit", (long long)M, (long long)K,
+                (long long)r, p, vectorized ? "vectorised" : "scalar");
+  check(name, got, expected, bound, 1.0);
+}
+
+template <typename Format, typename AdapterT>
+void all_cases() {
+  for (int64_t r : {3, 16, 40})
+    for (double p : {0.0, 0.3}) {
+      shrink_case<Format, AdapterT>(77, 72, r, p, false, 1);
+      grad_x_case<Format, AdapterT>(77, r == 16 ? 72 : 70, r, p);
+    }
+  shrink_case<Format, AdapterT>(77, 70, 16, 0.3, false, 3);  // K tail, scalar, split-K
+  shrink_case<Format, AdapterT>(130, 72, 40, 0.0, true, 2);  // strided x
+  dy_pass_case<Format, AdapterT>(77, 72, 16, true, true, false, 1, 1);
+  dy_pass_case<Format, AdapterT>(150, 70, 40, true, true, false, 2, 3);  // tails, chunks
+  dy_pass_case<Format, AdapterT>(77, 100, 3, true, false, true, 1, 2);   // dS only, strided
+  dy_pass_case<Format, AdapterT>(77, 100, 64, false, true, false, 2, 1);  // dB only
+}
+
+template <typename Format>
+void grad_A_cases() {
+  grad_A_case<Format>(77, 72, 16, 0.3, false, 1);
+  grad_A_case<Format>(77, 130, 40, 0.0, false, 3);  // several column tiles, split-M
+  grad_A_case<Format>(77, 70, 3, 0.3, true, 2);     // K tail, strided x
+}
+
+}  // namespace
+
+int main() {
+  all_cases<Bf16, uint16_t>();
+  all_cases<Bf16, float>();
+  all_cases<Fp16, uint16_t>();
+  all_cases<Fp16, float>();
+  grad_A_cases<Bf16>();
+  grad_A_cases<Fp16>();
+  if (failures) {
+    std::printf("%d FAILED\n", failures);
+    return 1;
+  }
+  std::printf("ALL OK\n");
+  return 0;
+}
