@@ -12,7 +12,9 @@ quantization the absmax values themselves are stored in 8 bits: their mean
 8-bit map (``code2``). Dequantized, element i is ``NF4[index_i] · absmax of
 its block``, in fp32, then cast.
 
-``quantize_nf4`` reproduces bitsandbytes' CPU quantization bit for bit;
+``quantize_nf4`` gives bitsandbytes' packed bytes and scales (double-quantized
+scales take the nearest 8-bit code, as bitsandbytes' reference implementation;
+its CPU kernel picks a farther one for ~0.1 % of them);
 ``NF4Weight.from_bnb`` wraps a ``bitsandbytes.nn.Params4bit`` without copying.
 """
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,9 @@ NF4_VALUES = (
     0.7229568362236023,
     1.0,
 )
+NF4_ZERO_INDEX = NF4_VALUES.index(0.0)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DYNAMIC_MAP_SIZE = 256
 ABSMAX_BLOCKSIZE = 256  # of the double quantization, as bitsandbytes
 
 
@@ -56,13 +59,7 @@ def _nf4_code(device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def _nf4_midpoints(device: torch.device) -> torch.Tensor:
-    code = _nf4_code(device)
-    return (code[:-1] + code[1:]) / 2
-
-
-@functools.cache
-def dynamic_map(device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed dynamic 8-bit map (``create_dynamic_map(signed=True)``):
     256 sorted values in [-1, 1], dense near 0 (a dynamic exponent, 7 bits)."""
     max_exponent_bits, non_sign_bits = 7, 7
@@ -88,7 +85,7 @@ def _quantize_blocks(
     n = values.numel()
     full = n - n % blocksize
     absmax = values[:full].reshape(-1, blocksize).abs().amax(dim=1)
-    scaled = (values[:full].reshape(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38))[:, None])
+    scaled = values[:full].reshape(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38))[:, None]
     scaled = scaled.clamp(-1, 1).reshape(-1)
     if full < n:
         tail_max = values[full:].abs().max().clamp(min=1e-38)
@@ -120,8 +117,12 @@ class NF4Weight:
         object.__setattr__(self, "shape", torch.Size(self.shape))
         if len(self.shape) != 2:
             raise ValueError(f"an NF4 weight is 2-D (out_features, in_features), got {self.shape}")
+        if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool):
+            raise TypeError(f"blocksize must be an int, got {type(self.blocksize).__name__}")
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize}")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {self.dtype!r}")
         if self.packed.dtype != torch.uint8:
             raise TypeError(f"packed must be uint8, got {self.packed.dtype}")
         numel = self.shape.numel()
@@ -137,24 +138,42 @@ class NF4Weight:
                 f"{self.blocksize} make a {tuple(self.shape)} weight (a quant state of another "
                 "tensor?)"
             )
+        state2 = (self.offset, self.absmax2, self.code2)
+        if any(t is not None for t in state2) and any(t is None for t in state2):
+            raise ValueError(
+                "double quantization needs all of offset, absmax2 and code2 (or none of them)"
+            )
         if self.double_quant:
-            if self.absmax.dtype != torch.uint8 or self.absmax2 is None or self.code2 is None:
-                raise ValueError(
-                    "a double-quantized NF4 weight needs uint8 absmax, offset, absmax2 and code2"
+            if self.absmax.dtype != torch.uint8:
+                raise TypeError(
+                    f"absmax must be uint8 with double quantization, got {self.absmax.dtype}"
                 )
-            if self.absmax2.numel() != math.ceil(blocks / ABSMAX_BLOCKSIZE):
-                raise ValueError(
-                    f"absmax2 holds {self.absmax2.numel()} values for {blocks} absmax values "
-                    f"in blocks of {ABSMAX_BLOCKSIZE}"
-                )
+            for name, tensor, numel in (
+                ("offset", self.offset, 1),
+                ("absmax2", self.absmax2, math.ceil(blocks / ABSMAX_BLOCKSIZE)),
+                ("code2", self.code2, DYNAMIC_MAP_SIZE),
+            ):
+                if tensor.dtype != torch.float32:
+                    raise TypeError(f"{name} must be float32, got {tensor.dtype}")
+                if tensor.numel() != numel:
+                    raise ValueError(
+                        f"{name} holds {tensor.numel()} values; {numel} expected for "
+                        f"{blocks} absmax values in blocks of {ABSMAX_BLOCKSIZE}"
+                    )
         elif self.absmax.dtype != torch.float32:
-            raise TypeError(f"absmax must be float32 without double quantization, got {self.absmax.dtype}")
+            raise TypeError(
+                f"absmax must be float32 without double quantization, got {self.absmax.dtype}"
+            )
         devices = {t.device for t in self._tensors()}
         if len(devices) != 1:
             raise ValueError(f"the NF4 weight's tensors are on several devices: {devices}")
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.packed, self.absmax, self.offset, self.absmax2, self.code2) if t is not None]
+        return [
+            t
+            for t in (self.packed, self.absmax, self.offset, self.absmax2, self.code2)
+            if t is not None
+        ]
 
     @property
     def double_quant(self) -> bool:
@@ -180,7 +199,10 @@ class NF4Weight:
         values = self.code2[self.absmax.to(torch.int64)]
         full = n - n % ABSMAX_BLOCKSIZE
         scaled = torch.empty_like(values)
-        scaled[:full] = (values[:full].view(-1, ABSMAX_BLOCKSIZE) * self.absmax2[: full // ABSMAX_BLOCKSIZE, None]).view(-1)
+        scaled[:full] = (
+            values[:full].view(-1, ABSMAX_BLOCKSIZE)
+            * self.absmax2[: full // ABSMAX_BLOCKSIZE, None]
+        ).view(-1)
         if full < n:
             scaled[full:] = values[full:] * self.absmax2[-1]
         return scaled + self.offset
@@ -195,7 +217,9 @@ class NF4Weight:
         absmax = self.block_absmax()
         full = numel - numel % self.blocksize
         out = torch.empty(numel, dtype=torch.float32, device=self.device)
-        out[:full] = (values[:full].view(-1, self.blocksize) * absmax[: full // self.blocksize, None]).view(-1)
+        out[:full] = (
+            values[:full].view(-1, self.blocksize) * absmax[: full // self.blocksize, None]
+        ).view(-1)
         if full < numel:
             out[full:] = values[full:] * absmax[-1]
         return out.view(self.shape).to(dtype or self.dtype)
@@ -226,8 +250,17 @@ class NF4Weight:
             )
         if state.quant_type != "nf4":
             raise ValueError(f"only NF4 weights are supported, got quant_type={state.quant_type!r}")
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes' CPU inference path (eval, no grad, AVX512-BF16) repacks a
+            # Linear4bit in place, scales in bf16: the NF4 layout is gone for good.
+            raise ValueError(
+                "the bitsandbytes weight was repacked for its CPU inference kernel "
+                "(quant_state.packing_format_for_cpu) and is no longer in the NF4 layout: "
+                "quantize the layer again, and do not run it through bitsandbytes' CPU "
+                "eval path before wrapping it"
+            )
         packed = weight.data if weight.data.dtype == torch.uint8 else weight.data.view(torch.uint8)
-        nested = state.state2 is not None
+        nested = bool(getattr(state, "nested", False))
         return cls(
             packed=packed,
             absmax=state.absmax,
@@ -239,6 +272,40 @@ class NF4Weight:
             code2=state.state2.code if nested else None,
         )
 
+    def to_bnb(self):
+        """This weight as a ``bitsandbytes.nn.Params4bit`` with its quant state, on
+        the same tensors (nothing copied): the weight of a ``Linear4bit``."""
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import QuantState
+
+        nested = None
+        if self.double_quant:
+            nested = QuantState(
+                absmax=self.absmax2,
+                code=self.code2,
+                blocksize=ABSMAX_BLOCKSIZE,
+                dtype=torch.float32,
+            )
+        state = QuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=_nf4_code(self.device).clone(),
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=nested,
+        )
+        return bnb.nn.Params4bit(
+            self.packed,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=self.blocksize,
+            compress_statistics=self.double_quant,
+            quant_type="nf4",
+            bnb_quantized=True,
+        )
+
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize an N×K fp32/fp16/bf16 weight to NF4, as bitsandbytes'
@@ -247,7 +314,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+        )
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if blocksize not in BLOCKSIZES:
@@ -258,7 +327,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         flat = weight.detach().reshape(-1).float()
         indices, absmax = _quantize_blocks(flat, _nf4_code(weight.device), blocksize)
         if indices.numel() % 2:  # the padding nibble holds the code of 0.0, as bitsandbytes'
-            indices = torch.cat([indices, torch.bucketize(flat.new_zeros(1), _nf4_midpoints(weight.device), out_int32=True)])
+            indices = torch.cat([indices, indices.new_full((1,), NF4_ZERO_INDEX)])
         nibbles = indices.to(torch.uint8)
         packed = ((nibbles[0::2] << 4) | nibbles[1::2]).unsqueeze(1)
         if not double_quant:
@@ -267,5 +336,126 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         code2 = dynamic_map(weight.device)
         qabsmax, absmax2 = _quantize_blocks(absmax - offset, code2, ABSMAX_BLOCKSIZE)
         return NF4Weight(
-            packed, qabsmax.to(torch.uint8), blocksize, weight.shape, weight.dtype, offset, absmax2, code2
+            packed,
+            qabsmax.to(torch.uint8),
+            blocksize,
+            weight.shape,
+            weight.dtype,
+            offset,
+            absmax2,
+            code2,
+        )
+
+
+def nf4_linear(
+    x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> torch.Tensor:
+    """``x·W0ᵀ + b`` as bitsandbytes' ``Linear4bit`` computes it: x and b cast to
+    ``compute_dtype``, W0 dequantized to it, the output cast back to x's dtype
+    (under ``torch.autocast`` the product runs in autocast's dtype)."""
+    bias = None if bias is None else bias.to(compute_dtype)
+    y = nn.functional.linear(x.to(compute_dtype), weight.dequantize(compute_dtype), bias)
+    return y.to(x.dtype)
+
+
+def is_bnb_linear4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``bitsandbytes.nn.Linear4bit`` (without importing bitsandbytes)."""
+    return any(
+        cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
+        for cls in type(module).__mro__
+    )
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 (bitsandbytes' layout,
+    no bitsandbytes needed): the base layer of a ``LoRALinear(quantize="nf4")``.
+
+    The quantized tensors are buffers (``packed``, ``absmax`` and, with double
+    quantization, ``offset``, ``absmax2``, ``code2``), so they follow ``.to()``,
+    ``.cuda()`` and state dicts; a dtype conversion of the module (``.half()``)
+    converts the bias and the compute dtype, never the quantization state.
+    ``forward`` dequantizes the weight for the call and computes in the compute
+    dtype, x cast to it and the output back (``nf4_linear``), as bitsandbytes'
+    ``Linear4bit``.
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.blocksize = weight.blocksize
+        self.compute_dtype = weight.dtype
+        for name in ("packed", "absmax", "offset", "absmax2", "code2"):
+            self.register_buffer(name, getattr(weight, name))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True
+    ) -> NF4Linear:
+        """Quantize an ``nn.Linear`` (its bias is kept as it is)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls(quantize_nf4(linear.weight, blocksize, double_quant), linear.bias)
+
+    @property
+    def weight(self) -> NF4Weight:
+        """The quantized weight (a view of the buffers, nothing copied)."""
+        return NF4Weight(
+            self.packed,
+            self.absmax,
+            self.blocksize,
+            (self.out_features, self.in_features),
+            self.compute_dtype,
+            self.offset,
+            self.absmax2,
+            self.code2,
+        )
+
+    def set_weight(self, weight: NF4Weight) -> None:
+        """Replace the quantized weight (same shape)."""
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"the new weight is {tuple(weight.shape)}, the layer's {self.weight.shape}"
+            )
+        self.blocksize = weight.blocksize
+        for name in ("packed", "absmax", "offset", "absmax2", "code2"):
+            self._buffers[name] = getattr(weight, name)
+
+    def _apply(self, fn, recurse=True):
+        before = {name: b for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, buffer in before.items():
+            after = self._buffers[name]
+            if after.dtype != buffer.dtype:  # a dtype conversion: the state keeps its dtypes
+                self._buffers[name] = buffer.to(after.device)
+        # The compute dtype follows the module's dtype conversions.
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return self
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # A state dict of the other quantization (absmax uint8 with double
+        # quantization, fp32 without) would be converted by copy_, silently.
+        absmax = state_dict.get(prefix + "absmax")
+        if absmax is not None and absmax.dtype != self.absmax.dtype:
+            error_msgs.append(
+                f"{prefix}absmax is {absmax.dtype} but this NF4Linear's is {self.absmax.dtype}: "
+                "the state dict is of a weight quantized with"
+                + ("out" if self.offset is not None else "")
+                + " double quantization; build the layer with the same settings"
+            )
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_linear(x, self.weight, self.bias, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}, "
+            f"double_quant={self.offset is not None}, compute_dtype={self.compute_dtype}"
         )
