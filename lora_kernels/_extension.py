@@ -34,17 +34,22 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return (op, dispatch_key) in _REGISTERED_KERNELS
 
 
+_OPS = ("lora_forward", "lora_backward", "nf4_dequantize", "nf4_linear_small_m")
+
+
+def _op_has_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels::{op}", key)
+    except RuntimeError:  # no such op: a _C built before it existed
+        return False
+
+
 def _registered_kernels() -> frozenset[tuple[str, str]]:
     # Read once at import: registrations are fixed once _C is loaded, and a
     # plain set lookup keeps backend resolution traceable by torch.compile.
     if _ERROR is not None:
         return frozenset()
-    return frozenset(
-        (op, key)
-        for op in ("lora_forward", "lora_backward")
-        for key in ("CPU", "CUDA")
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_kernels::{op}", key)
-    )
+    return frozenset((op, key) for op in _OPS for key in ("CPU", "CUDA") if _op_has_kernel(op, key))
 
 
 _REGISTERED_KERNELS = _registered_kernels()

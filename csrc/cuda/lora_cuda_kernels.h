@@ -39,4 +39,17 @@ void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
 // contiguous in the accumulate dtype of out; out contiguous.
 void reduce_partials(const at::Tensor& partials, double scale, at::Tensor& out);
 
+// out = the NF4 weight (packed, absmax: nf4_format.h) decoded in out's dtype
+// (float32, float16 or bfloat16), bit for bit as NF4Weight.dequantize.
+// packed, absmax, out contiguous; out holds the weight's rows × cols elements.
+void nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                    at::Tensor& out);
+
+// y = x·W0ᵀ + bias for the NF4 weight W0 (N, K) = (packed, absmax), decoded
+// to x's dtype on the fly and accumulated in fp32. x: (M, K), any strides,
+// 1 <= M <= 16, K >= 1; bias: (N,) contiguous in x's dtype, or undefined;
+// y: (M, N) contiguous in x's dtype, N >= 1, overwritten.
+void nf4_linear_small_m(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                        int64_t blocksize, const at::Tensor& bias, at::Tensor& y);
+
 }  // namespace lora_kernels::cuda

@@ -15,6 +15,8 @@
 //           grad_A = dSᵀ·x̃           split-M kernel, mask regenerated
 //           grad_W0 = dyᵀ·x, grad_b  ATen, only when asked
 // Nothing synchronises with the host: the seed is read by the kernels.
+//
+// Also the NF4 ops (nf4.cu): nf4_dequantize and nf4_linear_small_m.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -27,6 +29,7 @@
 
 #include "lora_checks.h"
 #include "lora_cuda_kernels.h"
+#include "nf4_checks.h"
 
 namespace lora_kernels::cuda {
 namespace {
@@ -99,10 +102,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   return {grad_x, grad_W, grad_b, grad_A, grad_B};
 }
 
+at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                               int64_t blocksize, int64_t rows, int64_t cols,
+                               at::ScalarType dtype) {
+  check_nf4_dequantize_args(packed, absmax, blocksize, rows, cols, dtype);
+  TORCH_CHECK(packed.is_cuda(), "lora_kernels: the CUDA kernels need packed on a CUDA device, got ",
+              packed.device());
+  const c10::cuda::CUDAGuard device_guard(packed.device());
+  at::Tensor out = at::empty({rows, cols}, packed.options().dtype(dtype));
+  nf4_dequantize(packed, absmax, blocksize, out);
+  return out;
+}
+
+at::Tensor nf4_linear_small_m_cuda(const at::Tensor& x, const at::Tensor& packed,
+                                   const at::Tensor& absmax, int64_t blocksize,
+                                   int64_t out_features, const std::optional<at::Tensor>& bias) {
+  check_nf4_linear_args(x, packed, absmax, blocksize, out_features, bias);
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) {
+    if (has_bias) return y.copy_(bias->unsqueeze(0).expand({M, N}));
+    return y.zero_();
+  }
+  nf4_linear_small_m(x, packed, absmax, blocksize, has_bias ? bias->contiguous() : at::Tensor(), y);
+  return y;
+}
+
 }  // namespace
 }  // namespace lora_kernels::cuda
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("lora_forward", &lora_kernels::cuda::lora_forward_cuda);
   m.impl("lora_backward", &lora_kernels::cuda::lora_backward_cuda);
+  m.impl("nf4_dequantize", &lora_kernels::cuda::nf4_dequantize_cuda);
+  m.impl("nf4_linear_small_m", &lora_kernels::cuda::nf4_linear_small_m_cuda);
 }

@@ -1,15 +1,20 @@
-// Host stand-ins for the CUDA language and built-ins that the tensor-core
-// kernels use, so that the kernels run as plain C++ on the CPU: each block's
-// threads are std::threads, __syncthreads a std::barrier, __shared__ a
+// Host stand-ins for the CUDA language and built-ins that the device kernels
+// use, so that the kernels run as plain C++ on the CPU: each block's threads
+// are std::threads, __syncthreads a std::barrier, __shared__ a
 // function-static array (blocks run one after another, so a static is exactly
 // one block's shared memory), and the 16-bit conversions are done in software
-// with the device's rounding (round to nearest even).
+// with the device's rounding (round to nearest even). Warp-collective
+// operations (shuffles, MMAs) exchange the lanes' registers through a
+// per-warp table between two barriers of the warp's threads.
 #pragma once
 
+#include <algorithm>
 #include <barrier>
+#include <cassert>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -26,8 +31,14 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+struct uint2 {
+  unsigned x, y;
+};
 struct uint4 {
   unsigned x, y, z, w;
+};
+struct float4 {
+  float x, y, z, w;
 };
 
 inline thread_local dim3 threadIdx;
@@ -37,6 +48,33 @@ inline dim3 gridDim;
 
 namespace lora_kernels::emulation {
 inline std::barrier<>* block_barrier = nullptr;
+
+constexpr unsigned kWarpSize = 32;
+constexpr int kExchangeWords = 16;
+
+// The threads of one warp: their barrier and the table through which
+// warp-collective operations see every lane's registers.
+struct Warp {
+  explicit Warp(unsigned lanes) : barrier(lanes), lanes(lanes) {}
+  std::barrier<> barrier;
+  unsigned lanes;
+  uint32_t words[kWarpSize][kExchangeWords];
+};
+inline thread_local Warp* current_warp = nullptr;
+inline thread_local unsigned lane_id = 0;
+
+// Every lane of the calling warp publishes `mine`; `all[l]` receives lane l's.
+// All 32 lanes must call it, as the device's *.sync.aligned operations need.
+template <int N>
+void warp_exchange(const uint32_t (&mine)[N], uint32_t (&all)[kWarpSize][N]) {
+  static_assert(N <= kExchangeWords);
+  Warp& warp = *current_warp;
+  assert(warp.lanes == kWarpSize && "warp-collective operation in a partial warp");
+  std::memcpy(warp.words[lane_id], mine, sizeof mine);
+  warp.barrier.arrive_and_wait();
+  for (unsigned l = 0; l < kWarpSize; ++l) std::memcpy(all[l], warp.words[l], sizeof mine);
+  warp.barrier.arrive_and_wait();  // everyone has read before the table is reused
+}
 
 // Runs kernel(args...) over the grid: blocks in turn, each block's threads
 // concurrently. A kernel that touched memory outside its block's share, or
@@ -52,12 +90,17 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         std::barrier<> barrier(threads);
         block_barrier = &barrier;
+        std::vector<std::unique_ptr<Warp>> warps;
+        for (unsigned first = 0; first < threads; first += kWarpSize)
+          warps.push_back(std::make_unique<Warp>(std::min(kWarpSize, threads - first)));
         std::vector<std::thread> workers;
         workers.reserve(threads);
         for (unsigned t = 0; t < threads; ++t)
-          workers.emplace_back([=] {
+          workers.emplace_back([=, &warps] {
             threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
             blockIdx = dim3(bx, by, bz);
+            current_warp = warps[t / kWarpSize].get();
+            lane_id = t % kWarpSize;
             kernel(args...);
           });
         for (auto& worker : workers) worker.join();
@@ -66,6 +109,18 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
 }  // namespace lora_kernels::emulation
 
 inline void __syncthreads() { lora_kernels::emulation::block_barrier->arrive_and_wait(); }
+
+inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+  assert(mask == 0xFFFFFFFFu && "only full-warp shuffles are emulated");
+  (void)mask;
+  namespace em = lora_kernels::emulation;
+  uint32_t mine[1], all[em::kWarpSize][1];
+  std::memcpy(mine, &value, sizeof value);
+  em::warp_exchange(mine, all);
+  float out;
+  std::memcpy(&out, all[em::lane_id ^ static_cast<unsigned>(lane_mask)], sizeof out);
+  return out;
+}
 
 inline float __uint_as_float(uint32_t u) {
   float f;
