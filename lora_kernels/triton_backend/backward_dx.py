@@ -6,7 +6,8 @@ to that term alone, and then uses it as the initial accumulator of the base
 GEMM dy·W0, which runs over the output features. The LoRA term thus has its
 own accumulation (the mask never touches dy·W0) without holding a second
 accumulator through the main loop. Grouped tile order, wrapped edge loads
-and masked stores as in the forward GEMM.
+and masked stores as in the forward GEMM, and W0 dense or NF4 (decoded tile
+by tile, on NF4's own tiles) as there.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..nf4 import NF4Weight
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
 from ._dropout import DropoutArgs, keep_mask, quad_aligned
 from ._tiling import grouped_tile
+from .nf4_weight_tile import WeightArgs, load_weight_tile
 
 
 # M is not specialised: batches of any token count share one compiled kernel.
@@ -27,6 +30,8 @@ from ._tiling import grouped_tile
 def _grad_x_kernel(
     dy_ptr,
     w_ptr,
+    absmax_ptr,
+    code_ptr,
     ds_ptr,
     a_ptr,
     seed_ptr,
@@ -50,6 +55,11 @@ def _grad_x_kernel(
     keep_scale,
     DROPOUT: tl.constexpr,
     QUAD_ALIGNED: tl.constexpr,
+    W_NF4: tl.constexpr,
+    NF4_BLOCKSIZE: tl.constexpr,
+    NF4_WORDS: tl.constexpr,
+    NF4_ALIGNED: tl.constexpr,
+    NF4_INT32: tl.constexpr,
     LORA_PRECISION: tl.constexpr,
     BASE_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -94,10 +104,24 @@ def _grad_x_kernel(
             mask=mask_n[None, :],
             other=0.0,
         )
-        w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + cols[None, :] * stride_wk,
-            mask=mask_n[:, None],
-            other=0.0,
+        w = load_weight_tile(
+            w_ptr,
+            absmax_ptr,
+            code_ptr,
+            offs_n,
+            cols,
+            pid_k * BLOCK_K,
+            mask_n,
+            stride_wn,
+            stride_wk,
+            K,
+            W_NF4,
+            NF4_BLOCKSIZE,
+            NF4_WORDS,
+            NF4_ALIGNED,
+            NF4_INT32,
+            dx_ptr.dtype.element_ty,
+            False,
         )
         acc = mixed_dot(dy, w, acc, BASE_PRECISION)
 
@@ -121,21 +145,24 @@ _grad_x_kernel_tuned = _gemm_configs.tuned(
 
 def grad_x_gemm(
     grad_y: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
     dS: torch.Tensor,
     lora_A: torch.Tensor,
     x: torch.Tensor,
     dropout: DropoutArgs,
 ) -> torch.Tensor:
-    """dx (M×K, x's dtype, contiguous) for M ≥ 1; ``x`` gives the shape and dtype."""
+    """dx (M×K, x's dtype, contiguous) for M ≥ 1; ``x`` gives the shape and dtype.
+    W0 (``weight``) dense or an ``NF4Weight``, decoded tile by tile."""
     M, K = x.shape
     N = weight.shape[0]
+    w = WeightArgs.of(weight, K, x.dtype)
     R = lora_A.shape[0]
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
+    precision = _launch.dot_precision(x.dtype, grad_y.dtype, w.dtype)
     kernel, tile = _gemm_configs.launch_choice(
         _grad_x_kernel,
         _grad_x_kernel_tuned,
@@ -147,9 +174,12 @@ def grad_x_gemm(
         "BLOCK_N",
         max_elements_per_thread=_MASKED_ELEMENTS_PER_THREAD if dropout.enabled else None,
     )
+    tile = w.tile(tile, M, K, x.device, "BLOCK_K", "BLOCK_N", precision)
     wrap_triton(kernel)[grid](
         grad_y,
-        weight,
+        w.data,
+        w.absmax,
+        w.table,
         dS,
         lora_A,
         dropout.seed,
@@ -161,8 +191,8 @@ def grad_x_gemm(
         _launch.size_class(M),
         grad_y.stride(0),
         grad_y.stride(1),
-        weight.stride(0),
-        weight.stride(1),
+        w.stride_n,
+        w.stride_k,
         dS.stride(0),
         dS.stride(1),
         lora_A.stride(0),
@@ -173,8 +203,9 @@ def grad_x_gemm(
         dropout.keep_scale,
         DROPOUT=dropout.enabled,
         QUAD_ALIGNED=quad_aligned(K),
+        **w.constexprs(),
         LORA_PRECISION=_launch.dot_precision(x.dtype, dS.dtype, lora_A.dtype),
-        BASE_PRECISION=_launch.dot_precision(x.dtype, grad_y.dtype, weight.dtype),
+        BASE_PRECISION=precision,
         BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
         **tile,
     )

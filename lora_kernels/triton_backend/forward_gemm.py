@@ -5,7 +5,15 @@ in TF32 for fp16/bf16 inputs: ``_launch.dot_precision``) and uses it as the
 initial accumulator of the base GEMM, so the LoRA term costs r/K of the tile's work and no extra
 pass over y. Bias is added in the epilogue, in fp32, before the one rounding
 to x's dtype. Tiles are visited in grouped order; rows and columns past the
-edge are wrapped into range on load and masked on store, K tails are masked.
+edge are wrapped into range on load (x's rows are masked) and masked on
+store, K tails are masked.
+
+W0 is dense or NF4 (``W_NF4``): an NF4 W0's tiles are decoded in the K loop
+by ``nf4_weight_tile.load_weight_tile`` into exactly the tiles of
+``weight.dequantize(x.dtype)``, a copy that never exists. Its tiles are
+NF4's own (``WeightArgs.tile``): a K step sized to the decode's registers,
+the row block the longer edge (a tile's W0 is decoded once for all its
+rows), and for M ≤ 16 GEMV tiles that spread W0's bytes over every SM.
 """
 
 from __future__ import annotations
@@ -15,9 +23,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..nf4 import NF4Weight
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
 from ._tiling import grouped_tile
+from .nf4_weight_tile import WeightArgs, load_weight_tile
 
 
 # M is not specialised: batches of any token count share one compiled kernel.
@@ -25,6 +35,8 @@ from ._tiling import grouped_tile
 def _forward_kernel(
     x_ptr,
     w_ptr,
+    absmax_ptr,
+    code_ptr,
     bias_ptr,
     s_ptr,
     b_ptr,
@@ -47,6 +59,11 @@ def _forward_kernel(
     stride_bias,
     scaling,
     HAS_BIAS: tl.constexpr,
+    W_NF4: tl.constexpr,
+    NF4_BLOCKSIZE: tl.constexpr,
+    NF4_WORDS: tl.constexpr,
+    NF4_ALIGNED: tl.constexpr,
+    NF4_INT32: tl.constexpr,
     LORA_PRECISION: tl.constexpr,
     BASE_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -62,6 +79,10 @@ def _forward_kernel(
     # the store mask), so only the reduction dimension needs load masks.
     rows = offs_m % M
     cols = offs_n % N
+    # x's rows past M are not read, though: with M < BLOCK_M (decoding, a
+    # few tokens) they would be copies of the first rows, read again from L2
+    # by every program of a GEMV (nf4_weight_tile.GEMV_STEP).
+    mask_m = offs_m < M
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -85,13 +106,27 @@ def _forward_kernel(
         mask_k = offs_k < K
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        w_t = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn,
-            mask=mask_k[:, None],
-            other=0.0,
+        w_t = load_weight_tile(
+            w_ptr,
+            absmax_ptr,
+            code_ptr,
+            cols,
+            offs_k,
+            k0,
+            mask_k,
+            stride_wn,
+            stride_wk,
+            K,
+            W_NF4,
+            NF4_BLOCKSIZE,
+            NF4_WORDS,
+            NF4_ALIGNED,
+            NF4_INT32,
+            x_ptr.dtype.element_ty,
+            True,
         )
         acc = mixed_dot(x, w_t, acc, BASE_PRECISION)
 
@@ -111,27 +146,33 @@ _forward_kernel_tuned = _gemm_configs.tuned(
 
 def forward_gemm(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
     bias: torch.Tensor | None,
     S: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """y = x·W0ᵀ + scaling·S·Bᵀ + b in x's dtype for 2-D x with M ≥ 1."""
+    """y = x·W0ᵀ + scaling·S·Bᵀ + b in x's dtype for 2-D x with M ≥ 1; W0
+    (``weight``) dense or an ``NF4Weight``, decoded tile by tile."""
     M, K = x.shape
     N = weight.shape[0]
+    w = WeightArgs.of(weight, K, x.dtype)
     R = lora_B.shape[1]
     y = x.new_empty((M, N))
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    precision = _launch.dot_precision(x.dtype, w.dtype)
     kernel, tile = _gemm_configs.launch_choice(
         _forward_kernel, _forward_kernel_tuned, M, N, x.dtype, x.device, "BLOCK_N", "BLOCK_K"
     )
+    tile = w.tile(tile, M, N, x.device, "BLOCK_N", "BLOCK_K", precision, gemv=True)
     wrap_triton(kernel)[grid](
         x,
-        weight,
+        w.data,
+        w.absmax,
+        w.table,
         bias if bias is not None else x,
         S,
         lora_B,
@@ -143,8 +184,8 @@ def forward_gemm(
         _launch.size_class(M),
         x.stride(0),
         x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
+        w.stride_n,
+        w.stride_k,
         S.stride(0),
         S.stride(1),
         lora_B.stride(0),
@@ -154,8 +195,9 @@ def forward_gemm(
         bias.stride(0) if bias is not None else 0,
         scaling,
         HAS_BIAS=bias is not None,
+        **w.constexprs(),
         LORA_PRECISION=_launch.dot_precision(x.dtype, S.dtype, lora_B.dtype),
-        BASE_PRECISION=_launch.dot_precision(x.dtype, weight.dtype),
+        BASE_PRECISION=precision,
         BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
         **tile,
     )

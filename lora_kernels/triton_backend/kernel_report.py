@@ -3,20 +3,23 @@
     python -m lora_kernels.triton_backend.kernel_report            # H100/H200, M=8192, 4096→4096, r=16
     python -m lora_kernels.triton_backend.kernel_report --tokens 512 --rank 64 --adapter-dtype fp32
     python -m lora_kernels.triton_backend.kernel_report --capability 80 --sms 108 --sass-dir sass/
+    python -m lora_kernels.triton_backend.kernel_report --quant nf4   # QLoRA: W0 in NF4
 
 Runs the backend's launchers for one training step (shrink, forward GEMM, dy
-pass, dB pass, dA, dx GEMM) on fake CUDA tensors, with the device queries
-answered for the GPU described by the flags, and records each launch instead
-of running it: grid, block sizes, warps, stages and precisions exactly as
-the launcher chooses them. Each launch is then compiled by Triton for that
-GPU -- specialised as a real launch would be: 16-byte aligned pointers,
-divisibility of integer arguments by 16, arguments equal to 1 as constants,
-except those a kernel marks ``do_not_specialize`` --
-and the report gives, per kernel, ptxas's registers and spills and counts
-from the SASS: tensor-core instructions (HGMMA for Hopper's wgmma, HMMA for
-mma.sync), 128-bit global loads among all global loads (direct or cp.async),
-TMA loads, and local-memory traffic. No GPU, driver or interpreter is involved; run
-it without ``TRITON_INTERPRET=1``.
+pass, dB pass, dA, dx GEMM) on fake CUDA tensors -- with ``--quant nf4``, the
+base weight in NF4 (double-quantized, as QLoRA's), decoded in the two GEMMs --
+with the device queries answered for the GPU described by the flags, and
+records each launch instead of running it: grid, block sizes, warps, stages
+and precisions exactly as the launcher chooses them. Each launch is then
+compiled by Triton for that GPU -- specialised as a real launch would be:
+16-byte aligned pointers, divisibility of integer arguments by 16, arguments
+equal to 1 as constants, except those a kernel marks ``do_not_specialize`` --
+and the report gives, per kernel, ptxas's registers and spills, the shared
+memory it needs (its pipeline's buffers: a launch past the GPU's limit
+fails), and counts from the SASS: tensor-core instructions (HGMMA for
+Hopper's wgmma, HMMA for mma.sync), 128-bit global loads among all global
+loads (direct or cp.async), TMA loads, and local-memory traffic. No GPU,
+driver or interpreter is involved; run it without ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class KernelReport:
     constexprs: dict
     registers: int
     spill_bytes: int
+    shared_memory: int
     sass: str = field(repr=False)
 
     def count(self, pattern: str) -> int:
@@ -116,6 +120,7 @@ class KernelReport:
             "constexprs": self.constexprs,
             "registers": self.registers,
             "spill_bytes": self.spill_bytes,
+            "shared_memory": self.shared_memory,
             "wgmma": self.wgmma_ops,
             "mma": self.mma_ops,
             "wide_global_loads": self.wide_global_loads,
@@ -164,14 +169,47 @@ class _Recorder:
         return _Indexed()
 
 
+def _fake_nf4_weight(N: int, K: int, dtype: torch.dtype, blocksize: int):
+    """An N×K double-quantized NF4Weight of (fake) CUDA tensors; what its
+    bytes hold does not matter to the compiler."""
+    from ..nf4 import ABSMAX_BLOCKSIZE, NF4Weight
+
+    cuda = {"device": "cuda"}
+    blocks = -(-N * K // blocksize)
+    return NF4Weight(
+        packed=torch.empty((N * K + 1) // 2, 1, dtype=torch.uint8, **cuda),
+        absmax=torch.empty(blocks, dtype=torch.uint8, **cuda),
+        blocksize=blocksize,
+        shape=(N, K),
+        dtype=dtype,
+        offset=torch.empty((), dtype=torch.float32, **cuda),
+        absmax2=torch.empty(-(-blocks // ABSMAX_BLOCKSIZE), dtype=torch.float32, **cuda),
+        code2=torch.empty(256, dtype=torch.float32, **cuda),
+    )
+
+
 def record_training_step(
-    M: int, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype, dropout_p: float
+    M: int,
+    K: int,
+    N: int,
+    r: int,
+    dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    dropout_p: float,
+    quant: str = "none",
+    blocksize: int = 64,
 ) -> list[tuple[str, Launch]]:
-    """(name, launch) of every kernel of one forward + backward, as the launchers choose them."""
+    """(name, launch) of every kernel of one forward + backward, as the launchers
+    choose them; ``quant="nf4"``: W0 in NF4 of ``blocksize``, the GEMMs named
+    "forward GEMM (NF4)" and "dx GEMM (NF4)"."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from . import backward_da, backward_dx, backward_dy, forward_gemm, shrink
     from ._dropout import DropoutArgs
+
+    if quant not in ("none", "nf4"):
+        raise ValueError(f"quant must be 'none' or 'nf4', got {quant!r}")
+    gemm = " (NF4)" if quant == "nf4" else ""
 
     recorder = _Recorder()
     modules = (shrink, forward_gemm, backward_dy, backward_da, backward_dx)
@@ -182,7 +220,10 @@ def record_training_step(
         stack.enter_context(FakeTensorMode())
         cuda = {"device": "cuda"}
         x = torch.empty(M, K, dtype=dtype, **cuda)
-        weight = torch.empty(N, K, dtype=dtype, **cuda)
+        if quant == "nf4":
+            weight = _fake_nf4_weight(N, K, dtype, blocksize)
+        else:
+            weight = torch.empty(N, K, dtype=dtype, **cuda)
         lora_A = torch.empty(r, K, dtype=adapter_dtype, **cuda)
         lora_B = torch.empty(N, r, dtype=adapter_dtype, **cuda)
         grad_y = torch.empty(M, N, dtype=dtype, **cuda)
@@ -190,11 +231,17 @@ def record_training_step(
         dropout = DropoutArgs.of(dropout_p, seed if dropout_p > 0 else None, x)
         steps = (
             ("shrink", lambda: shrink.shrink(x, lora_A, dropout)),
-            ("forward GEMM", lambda: forward_gemm.forward_gemm(x, weight, None, S, lora_B, 2.0)),
+            (
+                "forward GEMM" + gemm,
+                lambda: forward_gemm.forward_gemm(x, weight, None, S, lora_B, 2.0),
+            ),
             ("dy pass (dS)", lambda: backward_dy.dy_pass(grad_y, lora_B, S, 2.0, False)),
             ("dB pass", lambda: backward_dy.grad_b_pass(grad_y, S, 2.0)),
             ("dA pass", lambda: backward_da.grad_a_pass(dS, x, dropout)),
-            ("dx GEMM", lambda: backward_dx.grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout)),
+            (
+                "dx GEMM" + gemm,
+                lambda: backward_dx.grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout),
+            ),
         )
         S = dS = None
         for name, step in steps:
@@ -306,6 +353,7 @@ def compile_launch(name: str, launch: Launch, gpu: Gpu) -> KernelReport:
         shown,
         registers,
         spills,
+        compiled.metadata.shared,
         _sass(compiled.asm["cubin"]),
     )
 
@@ -319,13 +367,18 @@ def report(
     adapter_dtype: torch.dtype | None = None,
     dropout_p: float = 0.1,
     gpu: Gpu | None = None,
+    quant: str = "none",
+    blocksize: int = 64,
 ) -> list[KernelReport]:
-    """Compile every kernel of one training step as launched at this shape on ``gpu``."""
+    """Compile every kernel of one training step as launched at this shape on
+    ``gpu``, W0 dense or (``quant="nf4"``) in NF4 of ``blocksize``."""
     gpu = gpu or Gpu()
     if _gemm_autotuning():
         raise RuntimeError("unset LORA_KERNELS_AUTOTUNE: the report shows the heuristic's tiles")
     with pretend_gpu(gpu):
-        launches = record_training_step(M, K, N, r, dtype, adapter_dtype or dtype, dropout_p)
+        launches = record_training_step(
+            M, K, N, r, dtype, adapter_dtype or dtype, dropout_p, quant, blocksize
+        )
     return [compile_launch(name, launch, gpu) for name, launch in launches]
 
 
@@ -343,6 +396,7 @@ def format_table(reports: list[KernelReport]) -> str:
         "stages",
         "regs",
         "spill B",
+        "smem KB",
         "wgmma",
         "mma",
         "128-bit loads",
@@ -359,6 +413,7 @@ def format_table(reports: list[KernelReport]) -> str:
                 str(rep.num_stages),
                 str(rep.registers),
                 str(rep.spill_bytes),
+                str(-(-rep.shared_memory // 1024)),
                 str(rep.wgmma_ops),
                 str(rep.mma_ops),
                 f"{rep.wide_global_loads}/{rep.global_loads}",
@@ -393,6 +448,12 @@ def main(argv: list[str] | None = None) -> list[KernelReport]:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
     parser.add_argument("--adapter-dtype", choices=["same", *sorted(_DTYPES)], default="same")
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--quant", choices=["none", "nf4"], default="none", help="W0's format (nf4: QLoRA)"
+    )
+    parser.add_argument(
+        "--nf4-blocksize", type=int, default=64, help="elements per NF4 absmax (default 64)"
+    )
     parser.add_argument("--capability", type=int, default=90, help="e.g. 90 (H100/H200), 80 (A100)")
     parser.add_argument("--sms", type=int, default=132, help="SM count (H200/H100 SXM: 132)")
     parser.add_argument("--shared-memory", type=int, default=227 * 1024, help="bytes per block")
@@ -411,6 +472,8 @@ def main(argv: list[str] | None = None) -> list[KernelReport]:
         adapter_dtype,
         args.dropout,
         gpu,
+        args.quant,
+        args.nf4_blocksize,
     )
     if args.json:
         print(json.dumps([rep.summary() for rep in reports]))
@@ -419,6 +482,7 @@ def main(argv: list[str] | None = None) -> list[KernelReport]:
         f"sm_{args.capability}, {args.sms} SMs: M={args.tokens}, {args.in_features}→"
         f"{args.out_features}, r={args.rank}, {args.dtype} (adapters {args.adapter_dtype}), "
         f"dropout {args.dropout:g}"
+        + (f", W0 in NF4 (blocksize {args.nf4_blocksize})" if args.quant == "nf4" else "")
     )
     print(format_table(reports))
     if args.sass_dir:

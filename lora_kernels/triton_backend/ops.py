@@ -3,7 +3,9 @@
 
 Both are ``torch.library.triton_op``s launching their kernels through
 ``wrap_triton``, so ``torch.compile`` traces into them (no fake
-implementation is registered: the op body traces itself).
+implementation is registered: the op body traces itself). Their bodies,
+``lora_forward`` and ``lora_backward``, also serve the NF4 op
+(lora_kernels/_nf4_op.py) with an NF4 weight.
 
 Forward: shrink (S = x̃·Aᵀ) then one GEMM for y. Backward: one pass over dy
 for dS (and dB), a dA kernel, one GEMM for dx; dW0 and db, needed only when
@@ -20,6 +22,7 @@ from torch.library import triton_op
 
 from .._determinism import deterministic
 from .._ops import register_op_pair
+from ..nf4 import NF4Weight
 from ._checks import check_backward_args, check_forward_args
 from ._dropout import DropoutArgs
 from .backward_da import grad_a_pass
@@ -35,10 +38,9 @@ def launch_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-@triton_op("lora_kernels::triton_lora_forward", mutates_args=())
-def triton_lora_forward(
+def lora_forward(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -46,7 +48,7 @@ def triton_lora_forward(
     dropout_p: float,
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    """(y, S) for validated inputs; ``weight`` dense or NF4 (dequantized in the GEMM)."""
     with launch_device(x):
         M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
         if M == 0:
@@ -56,11 +58,10 @@ def triton_lora_forward(
         return y, S
 
 
-@triton_op("lora_kernels::triton_lora_backward", mutates_args=())
-def triton_lora_backward(
+def lora_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     S: torch.Tensor,
@@ -69,7 +70,8 @@ def triton_lora_backward(
     seed: torch.Tensor | None,
     output_mask: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_backward_args(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask)
+    """The five gradients for validated inputs (unrequested ones empty); an NF4
+    ``weight`` takes no gradient."""
     with launch_device(x):
         need_x, need_w, need_b, need_a, need_bb = (bool(m) for m in output_mask)
         M = x.shape[0]
@@ -112,6 +114,40 @@ def triton_lora_backward(
         if need_b:
             grad_b = grad_y.sum(0)
         return grad_x, grad_w, grad_b, grad_A, grad_B
+
+
+@triton_op("lora_kernels::triton_lora_forward", mutates_args=())
+def triton_lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@triton_op("lora_kernels::triton_lora_backward", mutates_args=())
+def triton_lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    S: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_backward_args(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask)
+    return lora_backward(
+        grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask
+    )
 
 
 register_op_pair(triton_lora_forward, triton_lora_backward, with_fake=False)
