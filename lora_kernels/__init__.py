@@ -14,17 +14,21 @@ from .adapter_io import load_adapter, save_adapter
 from .functional import lora_linear
 from .injection import inject_lora, trainable_parameters
 from .layers import LoRALinear
+from .nf4 import NF4Linear, NF4Weight, quantize_nf4
 from .peft_patch import patch_peft, unpatch_peft
 
 __version__ = "0.1.0"
 __all__ = [
     "LoRALinear",
+    "NF4Linear",
+    "NF4Weight",
     "__version__",
     "available_backends",
     "inject_lora",
     "load_adapter",
     "lora_linear",
     "patch_peft",
+    "quantize_nf4",
     "save_adapter",
     "trainable_parameters",
     "unpatch_peft",

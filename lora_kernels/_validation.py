@@ -27,13 +27,21 @@ def _require_tensor(value: object, name: str, *, optional: bool = False) -> None
 
 
 def check_tensor_types(x, weight, lora_A, lora_B, bias) -> None:
-    """Types and floating dtypes; run first, so autocast may then cast."""
-    for name, value in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+    """Types and floating dtypes; run first, so autocast may then cast. ``weight``
+    may also be an ``NF4Weight`` (a quantized base weight)."""
+    from .nf4 import NF4Weight
+
+    quantized = isinstance(weight, NF4Weight)
+    for name, value in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
         _require_tensor(value, name)
+    if not quantized and not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"weight must be a torch.Tensor or an NF4Weight, got {type(weight).__name__}"
+        )
     _require_tensor(bias, "bias", optional=True)
     for name, value in (
         ("x", x),
-        ("weight", weight),
+        ("weight", None if quantized else weight),
         ("lora_A", lora_A),
         ("lora_B", lora_B),
         ("bias", bias),
@@ -60,10 +68,13 @@ def check_scalars(scaling, dropout_p) -> tuple[float, float]:
 
 def check_lora_args(x, weight, lora_A, lora_B, bias) -> None:
     """Shapes, dtypes and devices of the (already autocast) tensors."""
+    from .nf4 import NF4Weight
+
+    quantized = isinstance(weight, NF4Weight)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
     K = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != K:
+    if len(weight.shape) != 2 or weight.shape[1] != K:
         raise ValueError(
             f"weight must have shape (out_features, in_features) with in_features = "
             f"x.shape[-1] = {K}, got {tuple(weight.shape)}"
@@ -85,7 +96,10 @@ def check_lora_args(x, weight, lora_A, lora_B, bias) -> None:
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"bias must have shape (out_features,) = ({N},), got {tuple(bias.shape)}")
 
-    for name, value in (("weight", weight), ("bias", bias)):
+    if quantized and x.dtype == torch.float64:
+        raise TypeError("x must be float32, float16 or bfloat16 with an NF4 weight, got float64")
+    # An NF4 weight is dequantized to x's dtype.
+    for name, value in (("weight", None if quantized else weight), ("bias", bias)):
         if value is not None and value.dtype != x.dtype:
             raise TypeError(
                 f"{name} must have x's dtype {_dtype_name(x.dtype)}, got "

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .injection import replace_module, target_module_names
+from .injection import is_linear_target, replace_module, target_module_names
 from .layers import LoRALinear, adapter_dtype_for
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -259,9 +259,10 @@ def load_adapter(
                 raise ValueError(
                     f"the adapter in {directory} targets {name!r}, which the model lacks"
                 ) from None
-            if type(module) is not nn.Linear:
+            if not is_linear_target(module):
                 raise TypeError(
-                    f"the adapter targets {name!r}, a {type(module).__name__}, not an nn.Linear"
+                    f"the adapter targets {name!r}, a {type(module).__name__}, not a linear "
+                    "layer (nn.Linear or bitsandbytes Linear4bit)"
                 )
         model.requires_grad_(False)
         for name, pair in weights.items():

@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 from . import _validation
+from ._nf4_op import nf4_forward
 from ._ops import BACKEND_NAMES, resolve_backend
 from .dropout import draw_seed
+from .nf4 import NF4Weight
 
 
 def _autocast(tensors: dict[str, torch.Tensor | None], device_type: str) -> dict:
     """Cast like nn.Linear under torch.autocast: floating, non-float64 tensors
-    to the autocast dtype. fp32 adapters are kept (as peft keeps them)."""
+    to the autocast dtype. fp32 adapters are kept (as peft keeps them); an NF4
+    weight is dequantized to x's dtype, whatever it becomes."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     target = torch.get_autocast_dtype(device_type)
@@ -19,6 +22,7 @@ def _autocast(tensors: dict[str, torch.Tensor | None], device_type: str) -> dict
     for name, t in tensors.items():
         keep = (
             t is None
+            or isinstance(t, NF4Weight)
             or t.dtype in (target, torch.float64)
             or (name in ("lora_A", "lora_B") and t.dtype == torch.float32)
         )
@@ -28,7 +32,7 @@ def _autocast(tensors: dict[str, torch.Tensor | None], device_type: str) -> dict
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float = 1.0,
@@ -41,7 +45,9 @@ def lora_linear(
 
     Args:
         x: input of shape (..., in_features); any strides.
-        weight: frozen base weight W0, (out_features, in_features), x's dtype.
+        weight: frozen base weight W0, (out_features, in_features): a tensor in x's
+            dtype, or an ``NF4Weight`` (QLoRA), dequantized to x's dtype inside
+            the op and never kept.
         lora_A: (r, in_features), x's dtype or float32 (peft's ``lora_A.weight``).
         lora_B: (out_features, r), x's dtype or float32 (peft's ``lora_B.weight``).
         scaling: s, e.g. ``lora_alpha / r``.
@@ -69,5 +75,8 @@ def lora_linear(
     lead_shape = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    y2d, _ = impl.forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if isinstance(weight, NF4Weight):
+        y2d = nf4_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, impl.name)
+    else:
+        y2d, _ = impl.forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return y2d.reshape(*lead_shape, weight.shape[0])

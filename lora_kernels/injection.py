@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from .layers import LoRALinear, adapter_dtype_for
+from .nf4 import NF4Linear, is_bnb_linear4bit
 
 ALL_LINEAR = "all-linear"
 
@@ -16,6 +18,12 @@ ALL_LINEAR = "all-linear"
 def _output_embeddings(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     return get() if callable(get) else None
+
+
+def is_linear_target(module: nn.Module) -> bool:
+    """Whether LoRA can wrap ``module``: an exact ``nn.Linear``, an ``NF4Linear``,
+    or a ``bitsandbytes.nn.Linear4bit`` (QLoRA)."""
+    return type(module) in (nn.Linear, NF4Linear) or is_bnb_linear4bit(module)
 
 
 def _candidate_modules(model: nn.Module):
@@ -44,7 +52,7 @@ def target_module_names(model: nn.Module, target_modules: str | Iterable[str]) -
             return [
                 name
                 for name, module in _candidate_modules(model)
-                if type(module) is nn.Linear and module is not head
+                if is_linear_target(module) and module is not head
             ]
         try:
             pattern = re.compile(target_modules)
@@ -85,11 +93,14 @@ def inject_lora(
     *,
     backend: str = "auto",
     autocast_adapter_dtype: bool = True,
+    quantize: str | None = None,
 ) -> nn.Module:
-    """Replace the ``nn.Linear`` layers that ``target_modules`` selects with
+    """Replace the linear layers that ``target_modules`` selects with
     ``LoRALinear`` sharing their weights, and freeze everything else. Each new
     layer takes the train/eval mode of the layer it replaces, so an evaluating
-    model stays free of dropout until ``model.train()``.
+    model stays free of dropout until ``model.train()``. Targets are
+    ``nn.Linear`` layers, and for QLoRA ``bitsandbytes.nn.Linear4bit`` (NF4)
+    layers, used in place; ``quantize="nf4"`` quantizes ``nn.Linear`` targets.
 
     Args:
         model: any ``nn.Module``; modified in place.
@@ -100,13 +111,15 @@ def inject_lora(
             model's outputs unchanged until training moves B away from zero).
         autocast_adapter_dtype: as peft's option of that name: adapters of
             float16/bfloat16 layers are kept in float32 (False: the layer's dtype).
+        quantize: None, or "nf4" to store the targets' base weights in NF4
+            (``LoRALinear(quantize="nf4")``).
 
     Returns:
         ``model``, with only the LoRA A and B matrices trainable.
 
     Raises:
         ValueError: no module matched ``target_modules``.
-        TypeError: a matched module is not an ``nn.Linear``.
+        TypeError: a matched module is not a linear layer LoRA can wrap.
     """
     names = target_module_names(model, target_modules)
     if not names:
@@ -119,20 +132,26 @@ def inject_lora(
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise TypeError(f"target module {name!r} already is a LoRALinear")
-        if type(module) is not nn.Linear:
+        if not is_linear_target(module):
             raise TypeError(
                 f"target module {name!r} is a {type(module).__name__}; LoRA is injected into "
-                "nn.Linear layers only (narrow target_modules)"
+                "nn.Linear and bitsandbytes Linear4bit layers only (narrow target_modules)"
+            )
+        half_or_single = (torch.float32, torch.float16, torch.bfloat16)
+        if (
+            quantize == "nf4"
+            and type(module) is nn.Linear
+            and module.weight.dtype not in half_or_single
+        ):
+            raise TypeError(
+                f"target module {name!r} is {module.weight.dtype}; quantize='nf4' quantizes "
+                "float32, float16 and bfloat16 layers"
             )
 
-    # Freeze everything but the adapters, those of earlier injections included.
-    model.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.lora_A.requires_grad_(True)
-            module.lora_B.requires_grad_(True)
-    for name in names:
-        layer = LoRALinear.from_linear(
+    # Every layer is built before any module is replaced, so that an argument
+    # one layer refuses (a dtype NF4 cannot quantize, say) fails with none replaced.
+    layers = {
+        name: LoRALinear.from_linear(
             model.get_submodule(name),
             r=r,
             lora_alpha=lora_alpha,
@@ -141,7 +160,17 @@ def inject_lora(
             init_lora_weights=init_lora_weights,
             backend=backend,
             adapter_dtype=adapter_dtype_for(model.get_submodule(name), autocast_adapter_dtype),
+            quantize=quantize if type(model.get_submodule(name)) is nn.Linear else None,
         )
+        for name in names
+    }
+    # Freeze everything but the adapters, those of earlier injections included.
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+    for name, layer in layers.items():
         replace_module(model, name, layer)
     return model
 

@@ -6,29 +6,89 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 
 import torch
 from torch import nn
 
 from ._ops import BACKEND_NAMES, backend_for_device
 from .functional import lora_linear
+from .nf4 import NF4Linear, NF4Weight, is_bnb_linear4bit, nf4_linear, quantize_nf4
+
+QUANTIZATIONS = (None, "nf4")
 
 # peft's in-memory key of an adapter weight: lora_A.<adapter name>.weight.
 _PEFT_ADAPTER_KEY = re.compile(r"^lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
-def adapter_dtype_for(linear: nn.Linear, autocast_adapter_dtype: bool) -> torch.dtype | None:
+def base_compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype a base layer computes in: its weight's for an ``nn.Linear``, the
+    compute dtype of a quantized one (``NF4Linear``, ``bitsandbytes`` ``Linear4bit``)."""
+    if isinstance(base, NF4Linear):
+        return base.compute_dtype
+    if is_bnb_linear4bit(base):
+        state = getattr(base.weight, "quant_state", None)
+        return base.compute_dtype or (state.dtype if state is not None else torch.float32)
+    return base.weight.dtype
+
+
+def quantized_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a quantized base layer computes ``x`` in. An ``NF4Linear``: its
+    compute dtype. A bitsandbytes ``Linear4bit``: its ``compute_dtype``, which
+    its first call sets from that call's input (``set_compute_type``: float32
+    and bfloat16 inputs replace it) -- settled here the same way, once, so the
+    layer computes as it would on its own; x's dtype where it has none."""
+    if isinstance(base, NF4Linear):
+        return base.compute_dtype
+    if not getattr(base, "compute_type_is_set", True):
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    return base.compute_dtype or x.dtype
+
+
+def base_weight(base: nn.Module) -> torch.Tensor | NF4Weight:
+    """W0 of a base layer as ``lora_linear`` takes it: a tensor, or an ``NF4Weight``
+    (a view of the quantized layer's storage, nothing copied)."""
+    if is_bnb_linear4bit(base):
+        return NF4Weight.from_bnb(base.weight)
+    return base.weight
+
+
+def _base_device(base: nn.Module) -> torch.device:
+    return base.packed.device if isinstance(base, NF4Linear) else base.weight.device
+
+
+def _check_base_layer(base: nn.Module) -> None:
+    if is_bnb_linear4bit(base):
+        quant_type = getattr(base.weight, "quant_type", None)
+        if quant_type != "nf4":
+            raise ValueError(
+                f"only NF4 bitsandbytes layers are supported, got quant_type={quant_type!r}"
+            )
+        if getattr(base.weight, "quant_state", None) is not None:
+            NF4Weight.from_bnb(base.weight)  # quantized already: its state must be NF4's layout
+    elif not isinstance(base, (nn.Linear, NF4Linear)):
+        raise TypeError(
+            "the base layer must be an nn.Linear, an NF4Linear or a bitsandbytes Linear4bit, "
+            f"got {type(base).__name__}"
+        )
+
+
+def adapter_dtype_for(linear: nn.Module, autocast_adapter_dtype: bool) -> torch.dtype | None:
     """Adapter dtype for wrapping ``linear``. With ``autocast_adapter_dtype`` it
-    is peft's default choice: float32 for float16/bfloat16 weights; else None
-    (the layer's own dtype)."""
-    half = linear.weight.dtype in (torch.float16, torch.bfloat16)
+    is peft's default choice: float32 for layers computing in float16/bfloat16;
+    else None (the layer's own dtype)."""
+    half = base_compute_dtype(linear) in (torch.float16, torch.bfloat16)
     return torch.float32 if autocast_adapter_dtype and half else None
 
 
 class LoRALinear(nn.Module):
     """``y = base_layer(x) + scaling · lora_B(lora_A(dropout(x)))``, fused.
 
-    Submodules ``base_layer``, ``lora_A`` and ``lora_B`` are ``nn.Linear``, so
+    The base layer is an ``nn.Linear``, or for QLoRA an NF4-quantized layer
+    (``quantize="nf4"``: an ``NF4Linear``; or a ``bitsandbytes.nn.Linear4bit``
+    given to ``from_linear``), run through the same fused op with W0
+    dequantized inside it. ``lora_A`` and ``lora_B`` are ``nn.Linear``, so
     ``state_dict()`` has the keys ``base_layer.weight``, ``base_layer.bias``,
     ``lora_A.weight`` and ``lora_B.weight``: those of peft's adapter files.
     ``load_state_dict`` also takes the state dict of a peft LoRA ``Linear``
@@ -51,6 +111,9 @@ class LoRALinear(nn.Module):
             layer moved with ``.to()``) the layer runs on "auto".
         adapter_dtype: dtype of A and B: the base layer's (default) or float32
             (what peft uses for fp16/bf16 models; see ``adapter_dtype_for``).
+        quantize: None, or "nf4" to store the base weight in NF4 (blocks of 64,
+            double quantization: bitsandbytes' QLoRA defaults; ``NF4Linear``
+            for other choices).
     """
 
     def __init__(
@@ -68,7 +131,8 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         adapter_dtype: torch.dtype | None = None,
-        _base_layer: nn.Linear | None = None,
+        quantize: str | None = None,
+        _base_layer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
@@ -86,21 +150,31 @@ class LoRALinear(nn.Module):
             )
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        if quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
 
         if _base_layer is None:
             _base_layer = nn.Linear(
                 in_features, out_features, bias=bias, device=device, dtype=dtype
             )
+        if quantize == "nf4":
+            if type(_base_layer) is not nn.Linear:
+                raise ValueError(
+                    f"quantize='nf4' quantizes an nn.Linear; the base layer is a "
+                    f"{type(_base_layer).__name__} already"
+                )
+            _base_layer = NF4Linear.from_linear(_base_layer)
+        _check_base_layer(_base_layer)
         self.base_layer = _base_layer
         self.base_layer.requires_grad_(False)
-        base_dtype = self.base_layer.weight.dtype
+        base_dtype = base_compute_dtype(self.base_layer)
         allowed = {base_dtype, torch.float64 if base_dtype == torch.float64 else torch.float32}
         if adapter_dtype is not None and adapter_dtype not in allowed:
             names = " or ".join(sorted(str(d) for d in allowed))
             raise ValueError(
                 f"adapter_dtype must be {names} for a {base_dtype} base layer, got {adapter_dtype}"
             )
-        factory = {"device": self.base_layer.weight.device, "dtype": adapter_dtype or base_dtype}
+        factory = {"device": _base_device(self.base_layer), "dtype": adapter_dtype or base_dtype}
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
 
@@ -114,12 +188,18 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters(init_lora_weights)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, **kwargs) -> LoRALinear:
-        """Wrap an existing ``nn.Linear``, sharing it (not copying) as the base
-        layer; the new layer takes its train/eval mode, so a layer wrapped in
-        an evaluating model applies no dropout."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    def from_linear(cls, linear: nn.Module, r: int = 8, **kwargs) -> LoRALinear:
+        """Wrap an existing layer, sharing it (not copying) as the base layer: an
+        ``nn.Linear`` (``quantize="nf4"`` quantizes it into an ``NF4Linear``
+        instead), an ``NF4Linear``, or a quantized ``bitsandbytes.nn.Linear4bit``
+        (NF4), whose packed weight and quant state are used in place. The new
+        layer takes its train/eval mode, so a layer wrapped in an evaluating
+        model applies no dropout."""
+        if not (isinstance(linear, (nn.Linear, NF4Linear)) or is_bnb_linear4bit(linear)):
+            raise TypeError(
+                "linear must be an nn.Linear, an NF4Linear or a bitsandbytes Linear4bit, got "
+                f"{type(linear).__name__}"
+            )
         for key in ("bias", "device", "dtype"):
             if key in kwargs:
                 raise TypeError(f"from_linear takes {key} from the given layer; do not pass {key}=")
@@ -148,8 +228,14 @@ class LoRALinear(nn.Module):
     # nn.Linear look-alike properties --------------------------------------
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+    def weight(self) -> torch.Tensor | NF4Weight:
+        """W0: a tensor, or an ``NF4Weight`` for a quantized base layer."""
+        return base_weight(self.base_layer)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weight is NF4 (QLoRA)."""
+        return isinstance(self.base_layer, NF4Linear) or is_bnb_linear4bit(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -166,33 +252,65 @@ class LoRALinear(nn.Module):
     # merging ---------------------------------------------------------------
 
     def get_delta_weight(self) -> torch.Tensor:
-        """scaling · B·A in the base weight's dtype (computed in fp32 for half types)."""
-        weight_dtype = self.base_layer.weight.dtype
+        """scaling · B·A in the base layer's compute dtype (computed in fp32 for half types)."""
+        weight_dtype = base_compute_dtype(self.base_layer)
         compute = torch.float64 if weight_dtype == torch.float64 else torch.float32
         delta = (self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute)) * self.scaling
         return delta.to(weight_dtype)
 
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False) -> None:
-        """Fold the adapter into the base weight; with ``safe_merge`` check for NaN/inf first."""
-        if self.merged:
-            return
-        delta = self.get_delta_weight()
-        if safe_merge:
+    def _add_to_base(self, delta: torch.Tensor, safe_merge: bool) -> None:
+        if not self.quantized:
             merged = self.base_layer.weight + delta
-            if not torch.isfinite(merged).all():
+            if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError("merging the adapter would make the base weight non-finite")
             self.base_layer.weight.copy_(merged)
-        else:
-            self.base_layer.weight.add_(delta)
+            return
+        # As peft does for 4-bit layers: dequantize, add, quantize again -- which
+        # rounds the result to NF4, so the merged layer is only close to base + LoRA.
+        warnings.warn(
+            "merging into an NF4 base weight quantizes the sum again: outputs change by "
+            "the NF4 rounding (as with peft's 4-bit layers)",
+            UserWarning,
+            stacklevel=4,  # the caller of merge/unmerge
+        )
+        merged = self.weight.dequantize(torch.float32) + delta.float()
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError("merging the adapter would make the base weight non-finite")
+        self._requantize_base(merged.to(base_compute_dtype(self.base_layer)))
+
+    def _requantize_base(self, weight: torch.Tensor) -> None:
+        base = self.base_layer
+        if isinstance(base, NF4Linear):
+            base.set_weight(quantize_nf4(weight, base.blocksize, base.offset is not None))
+            return
+        import bitsandbytes as bnb
+
+        old = base.weight
+        base.weight = bnb.nn.Params4bit(
+            weight.to("cpu"),
+            requires_grad=False,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type="nf4",
+            quant_storage=old.quant_storage,
+        ).to(old.device)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold the adapter into the base weight; with ``safe_merge`` check for NaN/inf
+        first. An NF4 base is dequantized, summed and quantized again, with a warning."""
+        if self.merged:
+            return
+        self._add_to_base(self.get_delta_weight(), safe_merge)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the adapter back out of the base weight."""
+        """Take the adapter back out of the base weight (an NF4 base is quantized
+        again: not exactly the weight before ``merge``)."""
         if not self.merged:
             return
-        self.base_layer.weight.sub_(self.get_delta_weight())
+        self._add_to_base(-self.get_delta_weight(), safe_merge=False)
         self.merged = False
 
     # state dicts -----------------------------------------------------------
@@ -230,15 +348,31 @@ class LoRALinear(nn.Module):
     # forward ---------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            if self.merged:
+                return self.base_layer(x)
+            return self._lora_linear(x, self.base_layer.bias)
+        # A quantized base computes in its compute dtype and returns x's dtype,
+        # as bitsandbytes' Linear4bit does; under torch.autocast, in autocast's.
+        compute = quantized_compute_dtype(self.base_layer, x)
         if self.merged:
-            return self.base_layer(x)
+            # Not through a bitsandbytes layer's own forward: on the CPU in eval
+            # mode that repacks its weight out of the NF4 layout, for good.
+            return nf4_linear(x, self.weight, self.base_layer.bias, compute)
+        if torch.is_autocast_enabled(x.device.type):
+            compute = x.dtype
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(compute)
+        return self._lora_linear(x.to(compute), bias).to(x.dtype)
+
+    def _lora_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return lora_linear(
             x,
-            self.base_layer.weight,
+            self.weight,
             self.lora_A.weight,
             self.lora_B.weight,
             self.scaling,
-            bias=self.base_layer.bias,
+            bias=bias,
             dropout_p=self.lora_dropout if self.training else 0.0,
             backend=backend_for_device(self.backend, x.device),
         )

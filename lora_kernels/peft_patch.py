@@ -21,6 +21,8 @@ from torch import nn
 
 from ._ops import BACKEND_NAMES, backend_for_device
 from .functional import lora_linear
+from .layers import base_weight, quantized_compute_dtype
+from .nf4 import NF4Weight, is_bnb_linear4bit
 
 # Instance attributes a patched layer carries.
 _ORIGINAL_FORWARD = "_lora_kernels_original_forward"
@@ -32,12 +34,17 @@ class PeftFallbackWarning(UserWarning):
     """Some peft LoRA layers stay on peft's own (unfused) forward."""
 
 
-def _peft_lora_linear_class() -> type:
+def _peft_lora_linear_classes() -> tuple[type, ...]:
+    """peft's LoRA Linear, and its bitsandbytes 4-bit variant when bitsandbytes is there."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError as exc:
         raise ImportError("patch_peft needs peft: pip install 'lora_kernels[interop]'") from exc
-    return Linear
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # no bitsandbytes: peft defines no 4-bit layers
+        return (Linear,)
+    return (Linear, Linear4bit)
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -50,6 +57,19 @@ def _plain_linear(module: nn.Module) -> bool:
         and not module._forward_hooks
         and not module._forward_pre_hooks
         and module.weight.is_floating_point()
+    )
+
+
+def _plain_nf4_linear(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` holding an NF4 weight, with its own forward and no hooks."""
+    return (
+        is_bnb_linear4bit(module)
+        and type(module).__name__ == "Linear4bit"
+        and "forward" not in module.__dict__
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and getattr(module.weight, "quant_state", None) is not None
+        and module.weight.quant_state.quant_type == "nf4"
     )
 
 
@@ -71,8 +91,14 @@ def _unfused_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot run on the fused op in its current state (None if it can)."""
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out (Conv1D-style transposed base weight)"
-    if not _plain_linear(layer.base_layer):
-        return f"base layer is a {type(layer.base_layer).__name__}, not a plain nn.Linear"
+    state = getattr(getattr(layer.base_layer, "weight", None), "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        return "base layer's weight repacked by bitsandbytes for its CPU inference kernel"
+    if not (_plain_linear(layer.base_layer) or _plain_nf4_linear(layer.base_layer)):
+        return (
+            f"base layer is a {type(layer.base_layer).__name__}, not a plain nn.Linear or an "
+            "NF4 bitsandbytes Linear4bit"
+        )
     active = _active_lora_adapters(layer)
     if len(active) != 1:
         return f"{len(active)} active adapters (the fused op runs exactly one)"
@@ -97,16 +123,17 @@ def _unfused_reason(layer: nn.Module) -> str | None:
 def _fused_inputs_supported(x: torch.Tensor, weight, bias, lora_A, lora_B) -> bool:
     """Whether ``lora_linear`` accepts these tensors as they are (else peft's
     forward runs, which casts as it needs)."""
+    quantized = isinstance(weight, NF4Weight)
     tensors = [t for t in (x, weight, bias, lora_A, lora_B) if t is not None]
     if any(t.device != x.device for t in tensors):
         return False
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         return False
     if torch.is_autocast_enabled(x.device.type):
-        return all(t.is_floating_point() for t in tensors)
+        return all((quantized and t is weight) or t.is_floating_point() for t in tensors)
     adapter_ok = {x.dtype, torch.float64 if x.dtype == torch.float64 else torch.float32}
     return (
-        weight.dtype == x.dtype
+        (weight.dtype == x.dtype if not quantized else x.dtype != torch.float64)
         and (bias is None or bias.dtype == x.dtype)
         and lora_A.dtype in adapter_ok
         and lora_B.dtype in adapter_ok
@@ -126,18 +153,29 @@ def _patched_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torc
     (name,) = _active_lora_adapters(layer)
     base = layer.base_layer
     lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if not _fused_inputs_supported(x, base.weight, base.bias, lora_A, lora_B):
+    weight, bias = base_weight(base), base.bias
+    quantized = isinstance(weight, NF4Weight)
+    if quantized:
+        # bitsandbytes computes in the layer's compute dtype (its bias cast to
+        # it) and returns x's dtype; inputs in another dtype keep peft's
+        # forward, which casts them.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype != quantized_compute_dtype(base, x) and not autocast:
+            return _original_forward(layer)(x, *args, **kwargs)
+        bias = None if bias is None else bias.to(x.dtype)
+    if not _fused_inputs_supported(x, weight, bias, lora_A, lora_B):
         return _original_forward(layer)(x, *args, **kwargs)
-    return lora_linear(
+    y = lora_linear(
         x,
-        base.weight,
+        weight,
         lora_A,
         lora_B,
         layer.scaling[name],
-        bias=base.bias,
+        bias=bias,
         dropout_p=_dropout_p(layer.lora_dropout[name]),
         backend=backend_for_device(layer.__dict__[_BACKEND], x.device),
     )
+    return y.to(x.dtype) if quantized else y
 
 
 def is_patched(layer: nn.Module) -> bool:
@@ -149,10 +187,11 @@ def patch_peft(peft_model: nn.Module, *, backend: str = "auto") -> int:
     """Route peft's LoRA ``Linear`` layers to ``lora_kernels.lora_linear``, in place.
 
     A layer is patched when it holds one active, unmerged, vanilla LoRA
-    adapter on a plain ``nn.Linear`` base (any dropout, base bias or not).
-    Layers with DoRA or another LoRA variant, several active adapters,
-    ``fan_in_fan_out`` (Conv1D bases), ``lora_bias``, or a quantised or
-    hooked base layer keep peft's forward; they are listed in a
+    adapter on a plain ``nn.Linear`` base or a bitsandbytes ``Linear4bit`` with
+    an NF4 weight (QLoRA; any dropout, base bias or not). Layers with DoRA or
+    another LoRA variant, several active adapters, ``fan_in_fan_out`` (Conv1D
+    bases), ``lora_bias``, another quantised base (8-bit, FP4, ...) or a hooked
+    base layer keep peft's forward; they are listed in a
     ``PeftFallbackWarning``. A patched layer also uses peft's forward, call by
     call, while adapters are merged or disabled, when ``adapter_names`` (mixed
     batches) is passed, when its active adapter changes to one outside the
@@ -172,13 +211,13 @@ def patch_peft(peft_model: nn.Module, *, backend: str = "auto") -> int:
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    peft_linear = _peft_lora_linear_class()
+    peft_linears = _peft_lora_linear_classes()
     patched = 0
     skipped: dict[str, list[str]] = defaultdict(list)
     for name, module in peft_model.named_modules():
-        # Exact type: peft's quantised LoRA layers subclass other bases and
-        # compute differently.
-        if type(module) is not peft_linear:
+        # Exact types: peft's LoRA Linear and its bitsandbytes 4-bit (NF4)
+        # variant; its other quantised layers compute differently.
+        if type(module) not in peft_linears:
             continue
         if is_patched(module):
             module.__dict__[_BACKEND] = backend

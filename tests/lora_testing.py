@@ -165,3 +165,12 @@ def assert_matches_oracle(
             f"{context}: {name} error {err:.3e} vs float64 oracle exceeds {allowed:.3e} "
             f"(2x torch backend in {dtype} + floor)"
         )
+
+
+def within_nf4_rounding(weight, exact: torch.Tensor) -> bool:
+    """Whether ``weight`` is ``exact`` up to NF4 rounding: half the largest gap
+    between NF4 values (0.139) times each element's block absmax, plus the
+    8-bit rounding of that absmax (double quantization) and bf16's."""
+    absmax = weight.block_absmax().repeat_interleave(weight.blocksize)[: exact.numel()]
+    error = (weight.dequantize(torch.float32) - exact.float()).abs().reshape(-1)
+    return bool(torch.all(error <= 0.16 * absmax + 1e-2 * exact.abs().reshape(-1).max()))

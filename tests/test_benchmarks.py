@@ -4,6 +4,7 @@ result files. Tiny shapes, no timing assertions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import plot, report
+from benchmarks import plot, report, targets
 from benchmarks.cases import (
     BACKWARD,
     FORWARD,
@@ -26,7 +27,13 @@ from benchmarks.cases import (
 )
 from benchmarks.flops import lora_flops
 from benchmarks.memory import saved_tensor_bytes
-from benchmarks.providers import Built, NaiveLoRALinear, Provider, select_providers
+from benchmarks.providers import (
+    Built,
+    NaiveLoRALinear,
+    NotApplicable,
+    Provider,
+    select_providers,
+)
 from benchmarks.run import Runner, build_parser, grid_from_args, make_task
 from benchmarks.timing import CpuTimingBudget
 from benchmarks.validation import Reference, validate
@@ -394,3 +401,134 @@ def test_csv_is_rewritten_from_jsonl_when_columns_change(tmp_path):
     (aside,) = tmp_path.glob("*.before-*")
     assert aside.read_text().splitlines()[1:] == lines[1:]
     assert len(csv_path.read_text().splitlines()) == 1 + len(rows)
+
+
+# --------------------------------------------------------------------------
+# QLoRA: NF4 bases
+# --------------------------------------------------------------------------
+
+NF4_PROBLEM = Problem(128, 64, 48, 4, torch.bfloat16, True, "cpu", quant="nf4")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "name",
+    ["base", "torch-naive", "peft", "addmm", "lora_kernels:torch", "lora_kernels:cpu"],
+)
+def test_correct_providers_pass_on_nf4_bases(name, dropout):
+    bnb_needed = name in ("base", "torch-naive", "peft", "addmm")
+    if bnb_needed:
+        pytest.importorskip("bitsandbytes")
+    if name == "peft":
+        pytest.importorskip("peft")
+    (provider,) = select_providers((name,), "cpu")
+    setting = Setting(True, dropout)
+    if provider.unsupported(setting):
+        pytest.skip(provider.unsupported(setting))
+    t = make_tensors(NF4_PROBLEM)
+    built = provider.build(t, setting)
+    # Every provider multiplies by the one quantized W0, on its tensors.
+    packed = [b for b in built.module.buffers() if b.dtype == torch.uint8 and b.dim() == 2]
+    packed += [p for p in built.module.parameters() if p.dtype == torch.uint8]
+    assert [p.data_ptr() for p in packed] == [t.nf4.packed.data_ptr()], name
+    assert validate(provider, built, setting, t, Reference(t), {}) is None
+    assert validate(provider, built, Setting(False, 0.0), t, Reference(t), {}) is None
+
+
+def test_nf4_problem_multiplies_by_the_dequantized_weight():
+    t = make_tensors(NF4_PROBLEM)
+    assert t.weight.dtype == torch.bfloat16
+    assert torch.equal(t.weight, t.nf4.dequantize(torch.bfloat16))
+    dense = make_tensors(dataclasses.replace(NF4_PROBLEM, quant="none"))
+    assert dense.nf4 is None and torch.equal(dense.x, t.x)  # the same problem otherwise
+    # Quantization moved W0 by at most an NF4 step of each block's absmax.
+    assert (dense.weight.float() - t.weight.float()).abs().max() <= 0.16 * dense.weight.abs().max()
+    for name in ("torch-compile", "merged"):
+        (provider,) = select_providers((name,), "cpu")
+        with pytest.raises(NotApplicable):
+            provider.build(t, Setting(name == "torch-compile", 0.0))
+
+
+def test_quant_switch_and_rows():
+    parser = build_parser()
+    _, grid = grid_from_args(parser.parse_args(["--quant", "nf4,none"]), torch.device("cpu"))
+    assert grid.quants == ("nf4", "none")
+    assert {p.quant for p in grid.problems("cpu")} == {"nf4", "none"}
+    with pytest.raises(ValueError, match="--quant"):
+        grid_from_args(parser.parse_args(["--quant", "fp4"]), torch.device("cpu"))
+    assert set(PRESETS["qlora"].quants) == {"nf4", "none"}
+    grid = Grid(
+        ((64, 32),),
+        (8,),
+        (2,),
+        (torch.bfloat16,),
+        (0.0,),
+        (FORWARD,),
+        ("lora_kernels:torch",),
+        quants=("nf4", "none"),
+    )
+    rows = Runner(grid, torch.device("cpu"), cpu_budget=TINY_BUDGET).run(progress=False)
+    assert [r.quant for r in rows] == ["nf4", "none"]
+    assert all(r.status == report.OK for r in rows), rows
+    assert "bf16, nf4 base" in report.format_table(rows)
+
+
+# --------------------------------------------------------------------------
+# The targets checker
+# --------------------------------------------------------------------------
+
+
+def _row(provider, ms, *, mode=FORWARD_BACKWARD, quant="none", peak=None, **problem):
+    fields = dict(in_features=4096, out_features=4096, tokens=8192, rank=16, dropout=0.1)
+    fields.update(problem)
+    return report.Row(
+        dtype="bf16",
+        adapter_dtype="bf16",
+        bias=False,
+        mode=mode,
+        provider=provider,
+        status=report.OK,
+        quant=quant,
+        median_ms=ms,
+        peak_bytes=peak,
+        **fields,
+    )
+
+
+def test_targets_dense_anchor():
+    rows = [
+        _row("base", 10.0),
+        _row("lora_kernels:triton", 10.5),
+        _row("peft", 15.0),
+        _row("peft-default", 20.0),
+    ]
+    checks = {c.target: c for c in targets.check(rows)}
+    step = next(c for t, c in checks.items() if t.startswith("forward+backward ÷ base"))
+    assert step.measured == pytest.approx(1.05) and step.met
+    assert checks["anchor training step × peft ≥ 1.35 (bf16)"].met  # 15 / 10.5 = 1.43
+    assert not checks["anchor training step × peft-default ≥ 2.2 (bf16)"].met  # 1.90
+    compiled = checks["anchor training step × torch-compile ≥ 1.6 (bf16)"]
+    assert compiled.measured is None and not compiled.met  # not in the run: never met
+
+
+def test_targets_qlora():
+    shape = dict(in_features=4096, out_features=14336)
+    rows = [
+        _row("lora_kernels:triton", 20.0, quant="nf4", peak=900, **shape),
+        _row("peft", 30.0, quant="nf4", peak=1000, **shape),
+        _row("base", 12.0, quant="nf4", **shape),
+        _row("lora_kernels:triton", 19.0, **shape),  # the dense twin: 20 / 19 ≤ 1.08
+        _row("lora_kernels:triton", 0.05, mode=INFERENCE, quant="nf4", tokens=16, **shape),
+        _row("base", 0.08, mode=INFERENCE, quant="nf4", tokens=16, **shape),
+    ]
+    checks = {c.target: c for c in targets.check(rows)}
+    over_peft = checks["QLoRA step × peft+bitsandbytes ≥ 1.3: 4096→14336 M=8192"]
+    assert over_peft.measured == pytest.approx(1.5) and over_peft.met
+    over_dense = checks["QLoRA step ÷ our dense bf16 step ≤ 1.08: 4096→14336 M=8192"]
+    assert over_dense.measured == pytest.approx(20 / 19) and over_dense.met
+    memory = checks["QLoRA step peak memory ÷ peft+bitsandbytes' < 1: 4096→14336 M=8192"]
+    assert memory.measured == pytest.approx(0.9) and memory.met
+    small = checks["QLoRA inference × matmul_4bit ≥ 2: 4096→14336 M=16 r=16"]
+    assert small.measured == pytest.approx(1.6) and not small.met
+    # NF4 rows are held to QLoRA's targets only, not to the dense base's.
+    assert not any("÷ base" in t and "M=8192 r=16 bf16, nf4" in t for t in checks)

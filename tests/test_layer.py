@@ -101,6 +101,21 @@ def test_merge_unmerge_roundtrip(device, backend):
     torch.testing.assert_close(layer(x), before, **tol)
 
 
+@pytest.mark.parametrize(("device", "backend"), backend_params())
+def test_autocast_output_dtype_like_nn_linear(device, backend):
+    # Under autocast the layer returns autocast's dtype, as nn.Linear (and its
+    # own merged form) does; not the input's.
+    layer = LoRALinear(32, 16, r=4, backend=backend, device=device)
+    _randomise_adapter(layer)
+    x = torch.randn(3, 32, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = layer(x)
+        base = layer.base_layer(x)
+        layer.merge()
+        merged = layer(x)
+    assert y.dtype == base.dtype == merged.dtype == torch.bfloat16
+
+
 def test_safe_merge_refuses_non_finite():
     layer = LoRALinear(8, 4, r=2)
     with torch.no_grad():
