@@ -24,7 +24,8 @@ $(DEPS_STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
 	$(PIP) install --quiet ninja pytest pytest-benchmark ruff numpy tqdm \
-		"peft>=0.13" "transformers>=4.45" safetensors accelerate matplotlib
+		"peft>=0.13" "transformers>=4.45" safetensors accelerate matplotlib \
+		"bitsandbytes>=0.45"
 	@touch $@
 
 # The extension is rebuilt only when its sources, the build files or the build

@@ -1,5 +1,5 @@
 """What gets measured: LoRA problems (shape, tokens, rank, dtype, adapter
-dtype), settings (training with a dropout probability, or inference), modes,
+dtype, base quantization), settings (training with a dropout probability, or inference), modes,
 and the presets.
 
 A *problem* fixes the tensors; a *setting* fixes how the layer runs
@@ -13,6 +13,8 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+
+from lora_kernels import NF4Weight, quantize_nf4
 
 # scaling = LORA_ALPHA / r, as peft computes it. Its value does not change the cost.
 LORA_ALPHA = 16.0
@@ -48,6 +50,13 @@ SAME_AS_LAYER = "same"
 ADAPTER_DTYPES = {SAME_AS_LAYER: None, "fp32": torch.float32, "float32": torch.float32}
 
 
+# Base weights of a grid: dense ("none"), or NF4 as QLoRA stores them (bitsandbytes'
+# layout, blocks of 64, double-quantized scales), computed in the layer's dtype.
+NO_QUANT = "none"
+NF4 = "nf4"
+QUANTS = (NO_QUANT, NF4)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         dtype, str(dtype).removeprefix("torch.")
@@ -57,7 +66,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 @dataclass(frozen=True)
 class Problem:
     """One LoRA linear layer and one batch: x is (tokens, in_features); A and B
-    are in ``adapter_dtype`` (None: the layer's dtype)."""
+    are in ``adapter_dtype`` (None: the layer's dtype); W0 is dense, or NF4
+    with ``quant="nf4"`` (then ``dtype`` is the compute dtype)."""
 
     in_features: int
     out_features: int
@@ -67,6 +77,7 @@ class Problem:
     bias: bool
     device: str
     adapter_dtype: torch.dtype | None = None
+    quant: str = NO_QUANT
 
     @property
     def scaling(self) -> float:
@@ -87,9 +98,10 @@ class Problem:
         adapters = (
             f" {dtype_name(self.lora_dtype)} adapters" if self.lora_dtype != self.dtype else ""
         )
+        quant = f" {self.quant} base" if self.quant != NO_QUANT else ""
         return (
             f"{self.shape_label} M={self.tokens} r={self.rank} "
-            f"{dtype_name(self.dtype)}{adapters}{bias}"
+            f"{dtype_name(self.dtype)}{adapters}{quant}{bias}"
         )
 
 
@@ -122,12 +134,13 @@ class Grid:
     providers: tuple[str, ...] | None = None
     bias: bool = False
     adapter_dtypes: tuple[str, ...] = (SAME_AS_LAYER,)
+    quants: tuple[str, ...] = (NO_QUANT,)
 
     def problems(self, device: str) -> list[Problem]:
         """Every combination; an adapter dtype equal to the layer's counts as "same"."""
         problems = []
-        for (k, n), m, r, dtype, adapters in itertools.product(
-            self.shapes, self.tokens, self.ranks, self.dtypes, self.adapter_dtypes
+        for (k, n), m, r, dtype, adapters, quant in itertools.product(
+            self.shapes, self.tokens, self.ranks, self.dtypes, self.adapter_dtypes, self.quants
         ):
             adapter_dtype = ADAPTER_DTYPES[adapters]
             problem = Problem(
@@ -139,6 +152,7 @@ class Grid:
                 self.bias,
                 device,
                 None if adapter_dtype == dtype else adapter_dtype,
+                quant,
             )
             if problem not in problems:
                 problems.append(problem)
@@ -205,6 +219,20 @@ PRESETS: dict[str, Grid] = {
         ),
         adapter_dtypes=(SAME_AS_LAYER, "fp32"),
     ),
+    # QLoRA's targets and their peers: the training step at 8192 tokens and the
+    # forward of a few tokens (decoding) on NF4 bases, with the same problems on
+    # dense bf16 bases beside them (the fused step on NF4 is held to the dense one),
+    # against bitsandbytes' matmul_4bit (base) and peft on bitsandbytes' Linear4bit.
+    "qlora": Grid(
+        shapes=((4096, 4096), (4096, 14336)),
+        tokens=(16, 8192),
+        ranks=(16,),
+        dtypes=(torch.bfloat16,),
+        dropouts=(0.1,),
+        modes=(FORWARD, FORWARD_BACKWARD, INFERENCE),
+        providers=("base", "peft", "lora_kernels"),
+        quants=(NF4, NO_QUANT),
+    ),
 }
 
 
@@ -219,9 +247,18 @@ class LoRATensors:
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
+    # With an NF4 base: the quantized W0, and ``weight`` is its dequantized value in
+    # the layer's dtype (what every provider multiplies by, and the oracle's W0).
+    nf4: NF4Weight | None = None
 
     def parameters(self) -> list[torch.Tensor]:
-        return [t for t in (self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
+        """The tensors alive anyway (the layer's storage), never counted as saved."""
+        tensors = [t for t in (self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
+        if self.nf4 is not None:
+            tensors += [
+                t for t in (self.nf4.packed, self.nf4.absmax, self.nf4.absmax2) if t is not None
+            ]
+        return tensors
 
 
 def make_tensors(problem: Problem, seed: int = 0) -> LoRATensors:
@@ -241,7 +278,7 @@ def make_tensors(problem: Problem, seed: int = 0) -> LoRATensors:
     def normal(*shape: int) -> torch.Tensor:
         return torch.randn(shape, device=problem.device, generator=gen).to(problem.dtype)
 
-    return LoRATensors(
+    tensors = LoRATensors(
         x=normal(M, K),
         grad_y=normal(M, N),
         weight=uniform(N, K, bound=K**-0.5),
@@ -250,3 +287,9 @@ def make_tensors(problem: Problem, seed: int = 0) -> LoRATensors:
         lora_B=uniform(N, r, bound=r**-0.5, dtype=problem.lora_dtype),
         scaling=problem.scaling,
     )
+    if problem.quant == NF4:
+        tensors.nf4 = quantize_nf4(tensors.weight)
+        tensors.weight = tensors.nf4.dequantize(problem.dtype)
+    elif problem.quant != NO_QUANT:
+        raise ValueError(f"quant must be one of {QUANTS}, got {problem.quant!r}")
+    return tensors

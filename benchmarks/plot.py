@@ -1,7 +1,7 @@
 """Plots of stored runs: ``python -m benchmarks.plot`` → PNGs in benchmarks/results/.
 
 For the latest run of each device (or ``--run RUN_ID``), and each precision
-in it (``<precision>``: the dtype, e.g. ``bf16``, or ``bf16-fp32-adapters``):
+in it (``<precision>``: the dtype, e.g. ``bf16``, ``bf16-fp32-adapters`` or ``bf16-nf4-base``):
 
 * ``<device>_<precision>_speedup_<mode>.png``: speedup over torch-naive vs
   tokens, one panel per shape (rows) and rank (columns), one line per

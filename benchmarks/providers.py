@@ -13,6 +13,12 @@ compares, each built on the same tensors so outputs are comparable.
 ``lora_kernels:X``  ``LoRALinear`` on backend X, for each backend this device has
 =================== ==========================================================
 
+With an NF4 base (``--quant nf4``, QLoRA) every provider's base layer holds the
+same quantized W0: ``base``, ``torch-naive``, ``addmm`` and ``peft`` use
+bitsandbytes' ``Linear4bit`` (its ``matmul_4bit``; peft's own 4-bit LoRA layer
+for ``peft``), the lora_kernels backends an ``NF4Linear``; ``torch-compile``
+and ``merged`` do not apply.
+
 Providers share the tensors' storage (nothing is copied but the merged
 weight); each gets its own ``nn.Parameter`` objects so gradients stay apart.
 With adapters in fp32 and an fp16/bf16 layer, ``torch-naive`` and
@@ -76,6 +82,11 @@ class Provider:
     lora_kernels_backend: str | None = None
 
 
+class NotApplicable(Exception):
+    """Raised by a provider's build for a problem outside what it measures:
+    the row is reported as skipped, with the message as the reason."""
+
+
 def _frozen_base(t: LoRATensors, weight: torch.Tensor | None = None) -> nn.Linear:
     """An nn.Linear on W0 (or ``weight``) and b, built on the meta device so no weight is allocated."""
     weight = t.weight if weight is None else weight
@@ -84,6 +95,28 @@ def _frozen_base(t: LoRATensors, weight: torch.Tensor | None = None) -> nn.Linea
     if t.bias is not None:
         linear.bias = nn.Parameter(t.bias, requires_grad=False)
     return linear.to(weight.device)
+
+
+def _bnb_linear4bit(t: LoRATensors) -> nn.Module:
+    """bitsandbytes' Linear4bit on the problem's NF4 weight (its tensors, not copied),
+    computing in the layer's dtype."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise NotApplicable("bitsandbytes is not installed (pip install bitsandbytes)") from exc
+    N, K = t.nf4.shape
+    layer = bnb.nn.Linear4bit(
+        K, N, bias=False, compute_dtype=t.weight.dtype, quant_type="nf4", device="meta"
+    )
+    layer.weight = t.nf4.to_bnb()
+    if t.bias is not None:
+        layer.bias = nn.Parameter(t.bias, requires_grad=False)
+    return layer
+
+
+def _base_layer(t: LoRATensors) -> nn.Module:
+    """The frozen base layer of the problem: dense, or bitsandbytes' on an NF4 W0."""
+    return _frozen_base(t) if t.nf4 is None else _bnb_linear4bit(t)
 
 
 def _adapter_linear(weight: torch.Tensor) -> nn.Linear:
@@ -114,7 +147,7 @@ class NaiveLoRALinear(nn.Module):
 
     def __init__(self, t: LoRATensors, dropout_p: float) -> None:
         super().__init__()
-        self.base_layer = _frozen_base(t)
+        self.base_layer = _base_layer(t)
         self.lora_dropout = nn.Dropout(dropout_p)
         self.lora_A = _adapter_linear(t.lora_A)
         self.lora_B = _adapter_linear(t.lora_B)
@@ -132,7 +165,7 @@ class AddmmLoRALinear(nn.Module):
 
     def __init__(self, t: LoRATensors) -> None:
         super().__init__()
-        self.base_layer = _frozen_base(t)
+        self.base_layer = _base_layer(t)
         self.lora_A = nn.Parameter(t.lora_A)
         self.lora_B = nn.Parameter(t.lora_B)
         self.scaling = t.scaling
@@ -144,7 +177,7 @@ class AddmmLoRALinear(nn.Module):
 
 
 def _build_base(t: LoRATensors, setting: Setting) -> Built:
-    return Built(_frozen_base(t))
+    return Built(_base_layer(t))
 
 
 def _build_naive(t: LoRATensors, setting: Setting) -> Built:
@@ -156,13 +189,18 @@ def _build_peft(
     t: LoRATensors, setting: Setting, adapter_dtype: torch.dtype | None = None
 ) -> Built:
     from peft import LoraConfig
-    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    base = _base_layer(t)
+    if t.nf4 is None:
+        from peft.tuners.lora import Linear as PeftLoraLinear
+    else:  # QLoRA: peft's LoRA layer for bitsandbytes' Linear4bit
+        from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear
 
     r = t.lora_A.shape[0]
     alpha = t.scaling * r
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=setting.dropout_p)
     module = PeftLoraLinear(
-        _frozen_base(t),
+        base,
         "default",
         config=config,
         r=r,
@@ -174,11 +212,6 @@ def _build_peft(
     module.lora_A["default"].weight = nn.Parameter(t.lora_A.to(adapter_dtype))
     module.lora_B["default"].weight = nn.Parameter(t.lora_B.to(adapter_dtype))
     return Built(module, module.lora_A["default"].weight, module.lora_B["default"].weight)
-
-
-class NotApplicable(Exception):
-    """Raised by a provider's build for a problem outside what it measures:
-    the row is reported as skipped, with the message as the reason."""
 
 
 def _build_peft_default(t: LoRATensors, setting: Setting) -> Built:
@@ -240,11 +273,15 @@ class CompiledNaiveLoRALinear(NaiveLoRALinear):
 
 
 def _build_compiled_naive(t: LoRATensors, setting: Setting) -> Built:
+    if t.nf4 is not None:
+        raise NotApplicable("compiles the dense layer only")
     module = CompiledNaiveLoRALinear(t, setting.dropout_p)
     return Built(module, module.lora_A.weight, module.lora_B.weight)
 
 
 def _build_merged(t: LoRATensors, setting: Setting) -> Built:
+    if t.nf4 is not None:
+        raise NotApplicable("merging into an NF4 base quantizes the sum again: another layer")
     compute = torch.float64 if t.weight.dtype == torch.float64 else torch.float32
     delta = (t.lora_B.to(compute) @ t.lora_A.to(compute)) * t.scaling
     merged = (t.weight.to(compute) + delta).to(t.weight.dtype)
@@ -254,8 +291,9 @@ def _build_merged(t: LoRATensors, setting: Setting) -> Built:
 def _build_lora_kernels(backend: str) -> Callable[[LoRATensors, Setting], Built]:
     def build(t: LoRATensors, setting: Setting) -> Built:
         r = t.lora_A.shape[0]
+        base = _frozen_base(t) if t.nf4 is None else lora_kernels.NF4Linear(t.nf4, t.bias)
         module = lora_kernels.LoRALinear.from_linear(
-            _frozen_base(t),
+            base,
             r=r,
             lora_alpha=t.scaling * r,
             lora_dropout=setting.dropout_p,
@@ -315,7 +353,7 @@ def all_providers(device: torch.device | str) -> list[Provider]:
     providers = [
         Provider(
             "base",
-            "frozen nn.Linear alone (the floor)",
+            "frozen nn.Linear alone (the floor); NF4: bitsandbytes' Linear4bit (matmul_4bit)",
             _build_base,
             _always,
             adds_lora=False,

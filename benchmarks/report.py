@@ -41,6 +41,7 @@ class Row:
     mode: str
     provider: str
     status: str
+    quant: str = "none"  # the base weight: dense, or "nf4" (QLoRA)
     median_ms: float | None = None
     p20_ms: float | None = None
     p80_ms: float | None = None
@@ -55,10 +56,14 @@ class Row:
 
     @property
     def precision(self) -> str:
-        """The layer's dtype, and the adapters' when they differ (e.g. "bf16, fp32 adapters")."""
-        if self.adapter_dtype == self.dtype:
-            return self.dtype
-        return f"{self.dtype}, {self.adapter_dtype} adapters"
+        """The layer's dtype, the adapters' when they differ and the base's quantization
+        (e.g. "bf16, fp32 adapters", "bf16, nf4 base")."""
+        parts = [self.dtype]
+        if self.adapter_dtype != self.dtype:
+            parts.append(f"{self.adapter_dtype} adapters")
+        if self.quant != "none":
+            parts.append(f"{self.quant} base")
+        return ", ".join(parts)
 
     @property
     def group(self) -> tuple:
@@ -70,6 +75,7 @@ class Row:
             self.rank,
             self.dtype,
             self.adapter_dtype,
+            self.quant,
             self.bias,
             self.dropout,
             self.mode,
@@ -252,6 +258,7 @@ def run_metadata(device: torch.device, preset: str, argv: Sequence[str]) -> dict
         "torch": torch.__version__,
         "triton": _version("triton"),
         "peft": _version("peft"),
+        "bitsandbytes": _version("bitsandbytes"),
         "lora_kernels": lora_kernels.__version__,
         "backends": lora_kernels.available_backends(device),
         "python": platform.python_version(),
@@ -340,9 +347,10 @@ def describe(meta: dict) -> str:
     threads = ""
     if meta["device"] == "cpu":
         threads = f", {meta['torch_threads']} threads, load {meta.get('load_average_1min', 0):.1f}"
+    bnb = f", bitsandbytes {meta['bitsandbytes']}" if meta.get("bitsandbytes") else ""
     return (
         f"{meta['device']} ({model}{threads}); torch {meta['torch']}, triton {meta['triton']}, "
-        f"peft {meta['peft']}; lora_kernels {meta['lora_kernels']} @ {meta['git_commit']}; "
+        f"peft {meta['peft']}{bnb}; lora_kernels {meta['lora_kernels']} @ {meta['git_commit']}; "
         f"{meta['date']}; preset {meta['preset']}"
     )
 

@@ -4,6 +4,8 @@
     python -m benchmarks.run --preset full --device cuda
     python -m benchmarks.run --shapes 4096x1024 --tokens 2048 --ranks 8 16 \\
         --dtypes bf16 --providers base peft lora_kernels --modes forward+backward --dropout 0.1
+    python -m benchmarks.run --preset qlora          # NF4 bases (QLoRA) beside dense ones
+    python -m benchmarks.run --quant nf4             # any grid on NF4 bases
 
 For every problem (shape, tokens, rank, dtype) and setting (training at each
 dropout, inference), each provider is built on the same tensors, checked
@@ -34,6 +36,7 @@ from .cases import (
     INFERENCE,
     MODES,
     PRESETS,
+    QUANTS,
     Grid,
     LoRATensors,
     Problem,
@@ -153,6 +156,7 @@ class Runner:
                 rank=problem.rank,
                 dtype=dtype_name(problem.dtype),
                 adapter_dtype=dtype_name(problem.lora_dtype),
+                quant=problem.quant,
                 bias=problem.bias,
                 dropout=setting.dropout_p,
                 mode=mode,
@@ -284,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="same (the layer's dtype) and/or fp32 (peft's default for fp16/bf16 layers)",
     )
     parser.add_argument(
+        "--quant",
+        nargs="+",
+        metavar="QUANT",
+        help="base weights: none (dense) and/or nf4 (QLoRA: bitsandbytes' NF4 layout)",
+    )
+    parser.add_argument(
         "--providers",
         nargs="+",
         metavar="NAME",
@@ -333,6 +343,11 @@ def grid_from_args(args: argparse.Namespace, device: torch.device) -> tuple[str,
                 f"--adapter-dtypes: unknown {unknown}; expected some of {sorted(ADAPTER_DTYPES)}"
             )
         overrides["adapter_dtypes"] = tuple(_split(args.adapter_dtypes))
+    if args.quant:
+        unknown = [q for q in _split(args.quant) if q not in QUANTS]
+        if unknown:
+            raise ValueError(f"--quant: unknown {unknown}; expected some of {list(QUANTS)}")
+        overrides["quants"] = tuple(_split(args.quant))
     if args.providers:
         overrides["providers"] = tuple(_split(args.providers))
     if args.modes:

@@ -13,6 +13,14 @@ Targets, for every fused backend (``lora_kernels:<backend>``), fp16/bf16:
   than peft's default fp32 adapters (``peft-default``), ≥ 1.6× than
   ``torch.compile`` of the naive module.
 
+QLoRA (NF4 bases, ``--preset qlora``), bf16:
+
+* the training step at M = 8192, 4096→4096 and 4096→14336, r = 16, dropout
+  0.1: ≥ 1.3× faster than peft on bitsandbytes' Linear4bit, ≤ 1.08× the same
+  backend's step on the dense bf16 base, and a peak memory below peft's;
+* a forward of ≤ 16 tokens (with and without autograd): ≥ 2× faster than
+  bitsandbytes' ``matmul_4bit`` alone (``base``).
+
 Prints one line per target with the measured ratio and whether it is met,
 then the count of met targets per backend. A target whose peer was not
 measured in the run (missing row, skipped or failed provider) is listed as
@@ -22,10 +30,11 @@ measured in the run (missing row, skipped or failed provider) is listed as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .cases import FORWARD, FORWARD_BACKWARD
+from .cases import FORWARD, FORWARD_BACKWARD, INFERENCE
 from .report import JSONL_NAME, OK, RESULTS_DIR, Row, describe, load_runs
 
 LORA_KERNELS_PREFIX = "lora_kernels:"
@@ -36,6 +45,12 @@ SMALL_BATCH_LIMIT = 1.15
 ANCHOR = {"in_features": 4096, "out_features": 4096, "tokens": 8192, "rank": 16, "dropout": 0.1}
 # (peer provider, minimum speedup of the fused step over it) at the anchor.
 ANCHOR_SPEEDUPS = (("peft", 1.35), ("peft-default", 2.2), ("torch-compile", 1.6))
+QLORA_STEP = {"tokens": 8192, "rank": 16, "dropout": 0.1, "dtype": "bf16"}
+QLORA_SHAPES = ((4096, 4096), (4096, 14336))
+QLORA_STEP_OVER_PEFT = 1.3
+QLORA_STEP_OVER_DENSE = 1.08
+QLORA_SMALL_BATCH = 16
+QLORA_SMALL_BATCH_OVER_BASE = 2.0
 
 
 @dataclass
@@ -57,6 +72,73 @@ def _medians(rows: Sequence[Row]) -> dict[tuple, float]:
     return {(r.group, r.provider): r.median_ms for r in rows if r.status == OK and r.median_ms}
 
 
+def _peaks(rows: Sequence[Row]) -> dict[tuple, int]:
+    """(group, provider) → CUDA peak bytes of every row that ran."""
+    return {(r.group, r.provider): r.peak_bytes for r in rows if r.status == OK and r.peak_bytes}
+
+
+def _dense_twin(row: Row) -> tuple:
+    """The group of the same problem on a dense base."""
+    return dataclasses.replace(row, quant="none").group
+
+
+def _ratio_check(backend: str, label: str, value: float | None, limit: float, at_least: bool):
+    met = value is not None and (value >= limit if at_least else value <= limit)
+    return Check(backend, label, value, met)
+
+
+def qlora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
+    """The QLoRA targets of one fused backend (see the module docstring)."""
+    backend = provider.removeprefix(LORA_KERNELS_PREFIX)
+    medians, peaks = _medians(rows), _peaks(rows)
+    groups = {r.group: r for r in rows if r.quant == "nf4" and r.adapter_dtype == r.dtype}
+    checks = []
+    for group, row in groups.items():
+        ours = medians.get((group, provider))
+        shape = f"{row.in_features}→{row.out_features} M={row.tokens}"
+        step = (
+            row.mode == FORWARD_BACKWARD
+            and (row.in_features, row.out_features) in QLORA_SHAPES
+            and all(getattr(row, k) == v for k, v in QLORA_STEP.items())
+        )
+        if step:
+            peft = medians.get((group, "peft"))
+            dense = medians.get((_dense_twin(row), provider))
+            checks += [
+                _ratio_check(
+                    backend,
+                    f"QLoRA step × peft+bitsandbytes ≥ {QLORA_STEP_OVER_PEFT:g}: {shape}",
+                    peft / ours if ours and peft else None,
+                    QLORA_STEP_OVER_PEFT,
+                    at_least=True,
+                ),
+                _ratio_check(
+                    backend,
+                    f"QLoRA step ÷ our dense bf16 step ≤ {QLORA_STEP_OVER_DENSE:g}: {shape}",
+                    ours / dense if ours and dense else None,
+                    QLORA_STEP_OVER_DENSE,
+                    at_least=False,
+                ),
+            ]
+            our_peak, peft_peak = peaks.get((group, provider)), peaks.get((group, "peft"))
+            memory = our_peak / peft_peak if our_peak and peft_peak else None
+            label = f"QLoRA step peak memory ÷ peft+bitsandbytes' < 1: {shape}"
+            checks.append(Check(backend, label, memory, memory is not None and memory < 1))
+        if row.mode in (FORWARD, INFERENCE) and row.tokens <= QLORA_SMALL_BATCH:
+            base = medians.get((group, "base"))
+            limit = QLORA_SMALL_BATCH_OVER_BASE
+            checks.append(
+                _ratio_check(
+                    backend,
+                    f"QLoRA {row.mode} × matmul_4bit ≥ {limit:g}: {shape} r={row.rank}",
+                    base / ours if ours and base else None,
+                    limit,
+                    at_least=True,
+                )
+            )
+    return checks
+
+
 def check(rows: Sequence[Row]) -> list[Check]:
     """Every target that applies to the rows' problems, per fused backend."""
     medians = _medians(rows)
@@ -70,6 +152,8 @@ def check(rows: Sequence[Row]) -> list[Check]:
         backend = provider.removeprefix(LORA_KERNELS_PREFIX)
         for group, row in groups.items():
             if row.dtype not in ("bf16", "fp16") or row.mode not in (FORWARD, FORWARD_BACKWARD):
+                continue
+            if row.quant != "none":  # QLoRA's targets are its own (qlora_checks)
                 continue
             if row.tokens < SMALL_BATCH:
                 continue
@@ -90,6 +174,7 @@ def check(rows: Sequence[Row]) -> list[Check]:
             if row.mode == FORWARD_BACKWARD
             and row.dtype in ("bf16", "fp16")
             and row.adapter_dtype == row.dtype
+            and row.quant == "none"
             and all(getattr(row, k) == v for k, v in ANCHOR.items())
         ]
         for peer, minimum in ANCHOR_SPEEDUPS:
@@ -100,6 +185,7 @@ def check(rows: Sequence[Row]) -> list[Check]:
                 checks.append(
                     Check(backend, label, speedup, speedup is not None and speedup >= minimum)
                 )
+        checks += qlora_checks(rows, provider)
     return checks
 
 

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a CUDA machine (no network needed): build, GPU
-# tests, first-call latency, per-kernel profile, the targets benchmark, and the
-# targets table last. Sized to finish within 9 minutes on an H100/H200.
+# tests, first-call latency, per-kernel profile, the targets benchmark, the
+# QLoRA benchmark, and the targets table last. Sized to finish within 9
+# minutes on an H100/H200.
 #
 #   OUT=/path/to/results bash scripts/gpu_check.sh
 #
+# Wheels in .whl/ (scripts/download_gpu_wheels.sh: bitsandbytes, for QLoRA's
+# peers) are installed first into a private folder; without them the QLoRA
+# rows of bitsandbytes and peft are skipped, lora_kernels' still run.
 # Writes under $OUT: summary.txt, env.txt, build.log, pytest_gpu.log,
 # pytest_backends.log, first_call.{log,json}, profile/ (one table per provider
 # and a CSV), benchmark.log, bench/results.{csv,jsonl} and targets.txt. Each
@@ -28,6 +32,12 @@ mkdir -p "$OUT"
 : >"$SUMMARY"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 unset LORA_KERNELS_AUTOTUNE # the heuristic's tiles, as users get them
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/lora_kernels_wheels .whl/*.whl >"$OUT/wheels.log" 2>&1 &&
+    export PYTHONPATH=/tmp/lora_kernels_wheels${PYTHONPATH:+:$PYTHONPATH}
+  echo "wheels: $(ls .whl | tr '\n' ' ')(see wheels.log)" >>"$SUMMARY"
+fi
 
 remaining_s() { echo $((BUDGET_S - ($(date +%s) - START_S))); }
 
@@ -65,7 +75,7 @@ print("python", sys.version.split()[0])
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
-for name in ("triton", "peft", "transformers", "pytest", "pytest_benchmark"):
+for name in ("triton", "peft", "transformers", "bitsandbytes", "pytest", "pytest_benchmark"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except ImportError as exc:
@@ -124,6 +134,9 @@ step "first call on a new shape" 60 "$OUT/first_call.log" \
   "$PYTHON" -m benchmarks.first_call --json "$OUT/first_call.json" || true
 step "per-kernel profile" 60 "$OUT/profile.log" \
   "$PYTHON" -m benchmarks.profile_kernels --out "$OUT/profile" || true
+step "benchmark qlora" 150 "$OUT/benchmark.log" \
+  "$PYTHON" -m benchmarks.run --preset qlora --device cuda --results-dir "$OUT/bench" \
+  --no-progress --rep-ms 30 || true
 bench 2048
 bench 512
 if [[ -f "$OUT/bench/results.jsonl" ]]; then
