@@ -82,6 +82,7 @@ from .cases import (
     ADAPTER_DTYPES,
     DTYPES,
     FORWARD_BACKWARD,
+    QUANTS,
     LoRATensors,
     Problem,
     Setting,
@@ -479,6 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--dropout", type=float, default=0.1, metavar="P", help="LoRA dropout (default 0.1)"
     )
     problem.add_argument("--bias", action="store_true", help="give the base layer a bias")
+    problem.add_argument(
+        "--quant",
+        choices=QUANTS,
+        default=QUANTS[0],
+        help=(
+            "base weight: dense (none, default) or NF4 (QLoRA: base is bitsandbytes' "
+            "Linear4bit, peft its 4-bit LoRA layer)"
+        ),
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu"
     )
@@ -542,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> list[ProviderProfile]:
         args.bias,
         device.type,
         None if adapter_dtype == dtype else adapter_dtype,  # as Grid.problems() spells it
+        args.quant,
     )
     setting = Setting(True, args.dropout)
     if device.type == "cuda":

@@ -10,12 +10,12 @@
 # peers) are installed first into a private folder; without them the QLoRA
 # rows of bitsandbytes and peft are skipped, lora_kernels' still run.
 # Writes under $OUT: summary.txt, env.txt, build.log, pytest_gpu.log,
-# pytest_backends.log, first_call.{log,json}, profile/ (one table per provider
-# and a CSV), benchmark.log, bench/results.{csv,jsonl} and targets.txt. Each
-# step runs under its own time cap and the whole script stops starting work
-# after GPU_CHECK_BUDGET_S seconds (default 520): the benchmark runs one token
-# count at a time, the anchor M = 8192 right after the tests, each saved as it
-# finishes.
+# pytest_backends.log, pytest_triton_nf4.log, first_call.{log,json}, profile/ and
+# profile_qlora/ (one table per provider and a CSV), benchmark.log,
+# bench/results.{csv,jsonl} and targets.txt. Each step runs under its own time
+# cap and the whole script stops starting work after GPU_CHECK_BUDGET_S seconds
+# (default 520): the benchmark runs one token count at a time, the anchor
+# M = 8192 right after the tests, each saved as it finishes.
 # A prebuilt extension that loads with CUDA kernels (lora_kernels/_C.abi3.so,
 # built for sm_90 elsewhere against the same torch minor version) skips the
 # build. Exits non-zero when the build or a test step fails.
@@ -120,7 +120,9 @@ print('backends on cuda:', lora_kernels.available_backends('cuda'))
 PYTEST=("$PYTHON" -m pytest tests -p no:cacheprovider -q -rfEs --durations=15)
 step "pytest -m gpu" 120 "$OUT/pytest_gpu.log" "${PYTEST[@]}" -m gpu || FAILED=1
 step "pytest cuda/triton backends" 120 "$OUT/pytest_backends.log" \
-  "${PYTEST[@]}" -m "not gpu" -k "cuda or triton" || FAILED=1
+  "${PYTEST[@]}" -m "not gpu" -k "(cuda or triton) and not test_triton_nf4" || FAILED=1
+step "pytest triton NF4 GEMMs" 90 "$OUT/pytest_triton_nf4.log" \
+  "${PYTEST[@]}" -m "not gpu" -k test_triton_nf4 || FAILED=1
 
 # The anchor token count first, then the first-call and per-kernel figures,
 # then the other token counts as far as the time allows.
@@ -137,6 +139,8 @@ step "per-kernel profile" 60 "$OUT/profile.log" \
 step "benchmark qlora" 150 "$OUT/benchmark.log" \
   "$PYTHON" -m benchmarks.run --preset qlora --device cuda --results-dir "$OUT/bench" \
   --no-progress --rep-ms 30 || true
+step "per-kernel profile, QLoRA" 60 "$OUT/profile.log" \
+  "$PYTHON" -m benchmarks.profile_kernels --quant nf4 --out "$OUT/profile_qlora" || true
 bench 2048
 bench 512
 if [[ -f "$OUT/bench/results.jsonl" ]]; then

@@ -100,6 +100,17 @@ def test_printed_summary(capsys):
     assert "ops/step" in summary and "aten::mm" in summary
 
 
+def test_qlora_profile_shows_the_nf4_ops():
+    # NF4 bases: bitsandbytes' Linear4bit as the base, the fused NF4 op for lora_kernels.
+    pytest.importorskip("bitsandbytes")
+    profiles = main(
+        [*TINY, "--dtype", "bf16", "--quant", "nf4", "--providers", "base", LORA_PROVIDER]
+    )
+    assert [p.status for p in profiles] == [OK, OK]
+    names = {row.name for row in profiles[1].rows}
+    assert any("nf4_lora_forward" in name for name in names), names
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--providers", "no-such-provider"])
