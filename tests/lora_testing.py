@@ -4,6 +4,10 @@ the accuracy rule of DESIGN.md (error vs the float64 oracle at most 2× the
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -174,3 +178,24 @@ def within_nf4_rounding(weight, exact: torch.Tensor) -> bool:
     absmax = weight.block_absmax().repeat_interleave(weight.blocksize)[: exact.numel()]
     error = (weight.dequantize(torch.float32) - exact.float()).abs().reshape(-1)
     return bool(torch.all(error <= 0.16 * absmax + 1e-2 * exact.abs().reshape(-1).max()))
+
+
+def compile_report(*flags: str) -> list[dict]:
+    """``python -m lora_kernels.triton_backend.kernel_report --json`` with
+    ``flags``: what Triton's real compiler makes of every kernel, run in a
+    child without the interpreter (and without autotuning)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE")
+    }
+    env["PYTHONWARNINGS"] = "ignore"
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_kernels.triton_backend.kernel_report", "--json", *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout)

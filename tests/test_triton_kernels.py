@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import lora_kernels
 from lora_kernels._ops import get_backend
 from lora_kernels.dropout import draw_seed, dropout_keep_mask, philox4x32
 
-from lora_testing import assert_matches_oracle, make_problem, run_lora
+from lora_testing import assert_matches_oracle, compile_report, make_problem, run_lora
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = get_backend("triton").unavailable(torch.device(DEVICE))
@@ -494,21 +493,7 @@ _AMPERE = ["--capability", "80", "--sms", "108", "--shared-memory", str(163 * 10
     ],
 )
 def test_kernels_compile_without_spills_on_tensor_cores(flags, tensor_core_ops):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE")
-    }
-    env["PYTHONWARNINGS"] = "ignore"
-    result = subprocess.run(
-        [sys.executable, "-m", "lora_kernels.triton_backend.kernel_report", "--json", *flags],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    kernels = json.loads(result.stdout)
+    kernels = compile_report(*flags)
     names = ["shrink", "forward GEMM", "dy pass (dS)", "dB pass", "dA pass", "dx GEMM"]
     assert [k["name"] for k in kernels] == names
     for k in kernels:

@@ -17,11 +17,6 @@ the dense and NF4 results are sums in the same order.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,6 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lora_kernels._ops import get_backend
 from lora_kernels.dropout import draw_seed
 from lora_kernels.nf4 import NF4Weight, quantize_nf4
+
+from lora_testing import compile_report
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = get_backend("triton").unavailable(torch.device(DEVICE))
@@ -430,29 +427,7 @@ _AMPERE = ["--capability", "80", "--sms", "108", "--shared-memory", str(163 * 10
     ids=["sm90-bf16", "sm80-bf16", "sm90-fp32", "sm90-bf16-M16", "sm80-bf16-M1"],
 )
 def test_nf4_gemms_compile_without_spills(flags, tensor_core_ops, shared_memory, sms):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("TRITON_INTERPRET", "LORA_KERNELS_AUTOTUNE")
-    }
-    env["PYTHONWARNINGS"] = "ignore"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lora_kernels.triton_backend.kernel_report",
-            "--json",
-            "--quant",
-            "nf4",
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    kernels = json.loads(result.stdout)
+    kernels = compile_report("--quant", "nf4", *flags)
     names = ["shrink", "forward GEMM (NF4)", "dy pass (dS)", "dB pass", "dA pass", "dx GEMM (NF4)"]
     assert [k["name"] for k in kernels] == names
     for k in kernels:
