@@ -10,12 +10,13 @@
 # peers) are installed first into a private folder; without them the QLoRA
 # rows of bitsandbytes and peft are skipped, lora_kernels' still run.
 # Writes under $OUT: summary.txt, env.txt, build.log, pytest_gpu.log,
-# pytest_backends.log, pytest_triton_nf4.log, first_call.{log,json}, profile/ and
-# profile_qlora/ (one table per provider and a CSV), benchmark.log,
-# bench/results.{csv,jsonl} and targets.txt. Each step runs under its own time
-# cap and the whole script stops starting work after GPU_CHECK_BUDGET_S seconds
-# (default 520): the benchmark runs one token count at a time, the anchor
-# M = 8192 right after the tests, each saved as it finishes.
+# pytest_backends.log, pytest_triton_nf4.log, first_call.{log,json}, profile/,
+# profile_qlora/ and profile_persistent/ (one table per provider and a CSV),
+# benchmark.log, bench/results.{csv,jsonl} and targets.txt. Each step runs
+# under its own time cap and the whole script stops starting work after
+# GPU_CHECK_BUDGET_S seconds (default 520): the benchmark runs one token count
+# at a time, the anchor M = 8192 right after the tests, each saved as it
+# finishes.
 # A prebuilt extension that loads with CUDA kernels (lora_kernels/_C.abi3.so,
 # built for sm_90 elsewhere against the same torch minor version) skips the
 # build. Exits non-zero when the build or a test step fails.
@@ -143,6 +144,11 @@ step "per-kernel profile, QLoRA" 60 "$OUT/profile.log" \
   "$PYTHON" -m benchmarks.profile_kernels --quant nf4 --out "$OUT/profile_qlora" || true
 bench 2048
 bench 512
+# The opt-in persistent TMA forward GEMM, profiled against the default
+# kernel's profile above (benchmarks/NOTES.md, Triton item 7).
+step "per-kernel profile, persistent forward GEMM" 45 "$OUT/profile.log" \
+  env LORA_KERNELS_PERSISTENT_GEMM=1 "$PYTHON" -m benchmarks.profile_kernels \
+  --providers lora_kernels:triton --out "$OUT/profile_persistent" || true
 if [[ -f "$OUT/bench/results.jsonl" ]]; then
   "$PYTHON" -m benchmarks.targets --input "$OUT/bench/results.jsonl" >"$OUT/targets.txt" 2>&1 || true
 fi

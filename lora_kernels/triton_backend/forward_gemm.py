@@ -14,6 +14,9 @@ by ``nf4_weight_tile.load_weight_tile`` into exactly the tiles of
 NF4's own (``WeightArgs.tile``): a K step sized to the decode's registers,
 the row block the longer edge (a tile's W0 is decoded once for all its
 rows), and for M ≤ 16 GEMV tiles that spread W0's bytes over every SM.
+
+``LORA_KERNELS_PERSISTENT_GEMM=1`` runs dense fp16/bf16 calls on Hopper
+through the persistent, TMA-fed variant instead (forward_gemm_persistent.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from torch.library import wrap_triton
 from ..nf4 import NF4Weight
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
+from ._forward_tile import lora_seed, store_output
 from ._tiling import grouped_tile
+from .forward_gemm_persistent import applies, forward_gemm_persistent
 from .nf4_weight_tile import WeightArgs, load_weight_tile
 
 
@@ -84,22 +89,22 @@ def _forward_kernel(
     # by every program of a GEMV (nf4_weight_tile.GEMV_STEP).
     mask_m = offs_m < M
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        s = tl.load(
-            s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-            mask=mask_r[None, :],
-            other=0.0,
-        )
-        b_t = tl.load(
-            b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
-            mask=mask_r[:, None],
-            other=0.0,
-        )
-        acc = mixed_dot(s, b_t, acc, LORA_PRECISION)
-    acc = acc * scaling
+    acc = lora_seed(
+        s_ptr,
+        b_ptr,
+        rows,
+        cols,
+        R,
+        stride_sm,
+        stride_sr,
+        stride_bn,
+        stride_br,
+        scaling,
+        LORA_PRECISION,
+        BLOCK_R,
+        BLOCK_M,
+        BLOCK_N,
+    )
 
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -130,12 +135,19 @@ def _forward_kernel(
         )
         acc = mixed_dot(x, w_t, acc, BASE_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=(offs_m < M)[:, None] & (offs_n < N)[None, :],
+    store_output(
+        acc,
+        bias_ptr,
+        y_ptr,
+        offs_m,
+        offs_n,
+        cols,
+        M,
+        N,
+        stride_bias,
+        stride_ym,
+        stride_yn,
+        HAS_BIAS,
     )
 
 
@@ -153,7 +165,11 @@ def forward_gemm(
     scaling: float,
 ) -> torch.Tensor:
     """y = x·W0ᵀ + scaling·S·Bᵀ + b in x's dtype for 2-D x with M ≥ 1; W0
-    (``weight``) dense or an ``NF4Weight``, decoded tile by tile."""
+    (``weight``) dense or an ``NF4Weight``, decoded tile by tile; the
+    persistent TMA kernel where asked for and possible
+    (``forward_gemm_persistent.applies``)."""
+    if applies(x, weight):
+        return forward_gemm_persistent(x, weight, bias, S, lora_B, scaling)
     M, K = x.shape
     N = weight.shape[0]
     w = WeightArgs.of(weight, K, x.dtype)

@@ -4,10 +4,13 @@
     python -m lora_kernels.triton_backend.kernel_report --tokens 512 --rank 64 --adapter-dtype fp32
     python -m lora_kernels.triton_backend.kernel_report --capability 80 --sms 108 --sass-dir sass/
     python -m lora_kernels.triton_backend.kernel_report --quant nf4   # QLoRA: W0 in NF4
+    python -m lora_kernels.triton_backend.kernel_report --persistent  # persistent TMA forward GEMM
 
 Runs the backend's launchers for one training step (shrink, forward GEMM, dy
 pass, dB pass, dA, dx GEMM) on fake CUDA tensors -- with ``--quant nf4``, the
-base weight in NF4 (double-quantized, as QLoRA's), decoded in the two GEMMs --
+base weight in NF4 (double-quantized, as QLoRA's), decoded in the two GEMMs;
+with ``--persistent``, ``LORA_KERNELS_PERSISTENT_GEMM=1`` (the forward GEMM
+then persistent and TMA-fed where it applies) --
 with the device queries answered for the GPU described by the flags, and
 records each launch instead of running it: grid, block sizes, warps, stages
 and precisions exactly as the launcher chooses them. Each launch is then
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -39,6 +43,7 @@ from unittest import mock
 import torch
 
 from . import _launch
+from .forward_gemm_persistent import TensorDescriptor
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRITON_TYPES = {
@@ -198,13 +203,23 @@ def record_training_step(
     dropout_p: float,
     quant: str = "none",
     blocksize: int = 64,
+    persistent: bool = False,
 ) -> list[tuple[str, Launch]]:
     """(name, launch) of every kernel of one forward + backward, as the launchers
     choose them; ``quant="nf4"``: W0 in NF4 of ``blocksize``, the GEMMs named
-    "forward GEMM (NF4)" and "dx GEMM (NF4)"."""
+    "forward GEMM (NF4)" and "dx GEMM (NF4)"; ``persistent``: with
+    ``LORA_KERNELS_PERSISTENT_GEMM=1``, the persistent kernel, where it
+    applies, named "forward GEMM (persistent)"."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from . import backward_da, backward_dx, backward_dy, forward_gemm, shrink
+    from . import (
+        backward_da,
+        backward_dx,
+        backward_dy,
+        forward_gemm,
+        forward_gemm_persistent,
+        shrink,
+    )
     from ._dropout import DropoutArgs
 
     if quant not in ("none", "nf4"):
@@ -212,11 +227,14 @@ def record_training_step(
     gemm = " (NF4)" if quant == "nf4" else ""
 
     recorder = _Recorder()
-    modules = (shrink, forward_gemm, backward_dy, backward_da, backward_dx)
+    modules = (shrink, forward_gemm, forward_gemm_persistent, backward_dy, backward_da, backward_dx)
     names: list[str] = []
     with contextlib.ExitStack() as stack:
         for module in modules:
             stack.enter_context(mock.patch.object(module, "wrap_triton", recorder))
+        # Set either way: the report shows what its flag says, not the caller's environment.
+        switch = {forward_gemm_persistent.PERSISTENT_ENV_VAR: "1" if persistent else "0"}
+        stack.enter_context(mock.patch.dict(os.environ, switch))
         stack.enter_context(FakeTensorMode())
         cuda = {"device": "cuda"}
         x = torch.empty(M, K, dtype=dtype, **cuda)
@@ -251,7 +269,11 @@ def record_training_step(
                 S = result
             elif name == "dy pass (dS)":
                 dS = result[0]
-            names += [name] * (len(recorder.launches) - before)
+            for launch in recorder.launches[before:]:
+                persistent_gemm = (
+                    launch.kernel is forward_gemm_persistent._persistent_forward_kernel
+                )
+                names.append(name + " (persistent)" if persistent_gemm else name)
     return list(zip(names, recorder.launches, strict=True))
 
 
@@ -266,7 +288,10 @@ def _specialise(fn, launch: Launch) -> tuple[dict, dict, dict]:
     for index, name in enumerate(fn.arg_names):
         value = values[name]
         specialise = name not in unspecialised
-        if (
+        if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
+            block = ",".join(str(b) for b in value.block_shape)
+            signature[name] = f"tensordesc<{_TRITON_TYPES[value.base.dtype]}[{block}]>"
+        elif (
             name in constexpr_names
             or value is None
             or (specialise and type(value) is int and value == 1)
@@ -369,15 +394,17 @@ def report(
     gpu: Gpu | None = None,
     quant: str = "none",
     blocksize: int = 64,
+    persistent: bool = False,
 ) -> list[KernelReport]:
     """Compile every kernel of one training step as launched at this shape on
-    ``gpu``, W0 dense or (``quant="nf4"``) in NF4 of ``blocksize``."""
+    ``gpu``, W0 dense or (``quant="nf4"``) in NF4 of ``blocksize``, the
+    persistent forward GEMM where it applies if ``persistent``."""
     gpu = gpu or Gpu()
     if _gemm_autotuning():
         raise RuntimeError("unset LORA_KERNELS_AUTOTUNE: the report shows the heuristic's tiles")
     with pretend_gpu(gpu):
         launches = record_training_step(
-            M, K, N, r, dtype, adapter_dtype or dtype, dropout_p, quant, blocksize
+            M, K, N, r, dtype, adapter_dtype or dtype, dropout_p, quant, blocksize, persistent
         )
     return [compile_launch(name, launch, gpu) for name, launch in launches]
 
@@ -454,6 +481,11 @@ def main(argv: list[str] | None = None) -> list[KernelReport]:
     parser.add_argument(
         "--nf4-blocksize", type=int, default=64, help="elements per NF4 absmax (default 64)"
     )
+    parser.add_argument(
+        "--persistent",
+        action="store_true",
+        help="LORA_KERNELS_PERSISTENT_GEMM=1: the persistent TMA forward GEMM where it applies",
+    )
     parser.add_argument("--capability", type=int, default=90, help="e.g. 90 (H100/H200), 80 (A100)")
     parser.add_argument("--sms", type=int, default=132, help="SM count (H200/H100 SXM: 132)")
     parser.add_argument("--shared-memory", type=int, default=227 * 1024, help="bytes per block")
@@ -474,6 +506,7 @@ def main(argv: list[str] | None = None) -> list[KernelReport]:
         gpu,
         args.quant,
         args.nf4_blocksize,
+        args.persistent,
     )
     if args.json:
         print(json.dumps([rep.summary() for rep in reports]))
@@ -483,6 +516,7 @@ def main(argv: list[str] | None = None) -> list[KernelReport]:
         f"{args.out_features}, r={args.rank}, {args.dtype} (adapters {args.adapter_dtype}), "
         f"dropout {args.dropout:g}"
         + (f", W0 in NF4 (blocksize {args.nf4_blocksize})" if args.quant == "nf4" else "")
+        + (", LORA_KERNELS_PERSISTENT_GEMM=1" if args.persistent else "")
     )
     print(format_table(reports))
     if args.sass_dir:

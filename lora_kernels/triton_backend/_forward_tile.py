@@ -1,0 +1,75 @@
+"""The two ends of a forward output tile, shared by the forward kernels
+(``forward_gemm`` and its persistent TMA variant ``forward_gemm_persistent``)
+so that both compute y with exactly the same arithmetic: the LoRA term
+s·S·Bᵀ that seeds the fp32 accumulator, and the epilogue that adds the bias
+in fp32 and rounds once to y's dtype."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._dot import mixed_dot
+
+
+@triton.jit
+def lora_seed(
+    s_ptr,
+    b_ptr,
+    rows,
+    cols,
+    R,
+    stride_sm,
+    stride_sr,
+    stride_bn,
+    stride_br,
+    scaling,
+    LORA_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """scaling·S·Bᵀ over the tile's ``rows`` × ``cols`` (in range: callers wrap
+    edge rows/columns, whose results the store discards), in fp32."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        s = tl.load(
+            s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+            mask=mask_r[None, :],
+            other=0.0,
+        )
+        b_t = tl.load(
+            b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
+            mask=mask_r[:, None],
+            other=0.0,
+        )
+        acc = mixed_dot(s, b_t, acc, LORA_PRECISION)
+    return acc * scaling
+
+
+@triton.jit
+def store_output(
+    acc,
+    bias_ptr,
+    y_ptr,
+    offs_m,
+    offs_n,
+    cols,
+    M,
+    N,
+    stride_bias,
+    stride_ym,
+    stride_yn,
+    HAS_BIAS: tl.constexpr,
+):
+    """y[offs_m, offs_n] = acc (+ bias, added in fp32) in y's dtype, rows and
+    columns past the edge masked."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols * stride_bias).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_m < M)[:, None] & (offs_n < N)[None, :],
+    )
