@@ -180,6 +180,30 @@ def within_nf4_rounding(weight, exact: torch.Tensor) -> bool:
     return bool(torch.all(error <= 0.16 * absmax + 1e-2 * exact.abs().reshape(-1).max()))
 
 
+# kernel_report's descriptions of the GPUs the compile checks target (the
+# tests' own device needs none): an H100/H200 and an A100.
+HOPPER_REPORT = ["--capability", "90", "--sms", "132", "--shared-memory", str(227 * 1024)]
+AMPERE_REPORT = ["--capability", "80", "--sms", "108", "--shared-memory", str(163 * 1024)]
+
+
+def needs_compile_report(device: str) -> pytest.MarkDecorator:
+    """Skips a compile check where it has nothing to add (on a GPU every test
+    compiles the kernels natively) or cannot run (a Triton without NVIDIA's
+    compiler backend)."""
+    reason = None
+    if device == "cuda":
+        reason = "a GPU compiles the kernels natively in every test"
+    else:
+        try:
+            import triton.backends
+
+            if "nvidia" not in triton.backends.backends:
+                reason = "this triton build has no NVIDIA compiler backend"
+        except ImportError:
+            reason = "triton is not installed"
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
 def compile_report(*flags: str) -> list[dict]:
     """``python -m lora_kernels.triton_backend.kernel_report --json`` with
     ``flags``: what Triton's real compiler makes of every kernel, run in a

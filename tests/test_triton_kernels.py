@@ -23,7 +23,15 @@ import lora_kernels
 from lora_kernels._ops import get_backend
 from lora_kernels.dropout import draw_seed, dropout_keep_mask, philox4x32
 
-from lora_testing import assert_matches_oracle, compile_report, make_problem, run_lora
+from lora_testing import (
+    AMPERE_REPORT,
+    HOPPER_REPORT,
+    assert_matches_oracle,
+    compile_report,
+    make_problem,
+    needs_compile_report,
+    run_lora,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = get_backend("triton").unavailable(torch.device(DEVICE))
@@ -464,24 +472,18 @@ def test_import_without_triton():
 # GPU (lora_kernels.triton_backend.kernel_report): every kernel of a training
 # step free of register spills, on tensor cores for fp16/bf16 inputs (wgmma on
 # Hopper, mma.sync on Ampere), and loading its big operands 128 bits at a time.
-_HOPPER = ["--capability", "90", "--sms", "132", "--shared-memory", str(227 * 1024)]
-_AMPERE = ["--capability", "80", "--sms", "108", "--shared-memory", str(163 * 1024)]
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="a GPU compiles the kernels natively in every test")
-@pytest.mark.skipif(
-    _REASON is None and "nvidia" not in triton.backends.backends,
-    reason="this triton build has no NVIDIA compiler backend",
-)
+@needs_compile_report(DEVICE)
 @pytest.mark.parametrize(
     ("flags", "tensor_core_ops"),
     [
-        (_HOPPER, "wgmma"),
-        ([*_HOPPER, "--rank", "64", "--adapter-dtype", "fp32"], "wgmma"),
-        ([*_HOPPER, "--dtype", "fp16", "--dropout", "0", "--tokens", "512"], "wgmma"),
-        ([*_HOPPER, "--dtype", "fp32"], None),  # full fp32 by torch's default: CUDA cores
-        (_AMPERE, "mma"),
-        ([*_AMPERE, "--dtype", "fp32", "--dropout", "0"], None),
+        (HOPPER_REPORT, "wgmma"),
+        ([*HOPPER_REPORT, "--rank", "64", "--adapter-dtype", "fp32"], "wgmma"),
+        ([*HOPPER_REPORT, "--dtype", "fp16", "--dropout", "0", "--tokens", "512"], "wgmma"),
+        ([*HOPPER_REPORT, "--dtype", "fp32"], None),  # full fp32 by torch's default: CUDA cores
+        (AMPERE_REPORT, "mma"),
+        ([*AMPERE_REPORT, "--dtype", "fp32", "--dropout", "0"], None),
     ],
     ids=[
         "sm90-bf16",

@@ -25,7 +25,7 @@ from lora_kernels._ops import get_backend
 from lora_kernels.dropout import draw_seed
 from lora_kernels.nf4 import NF4Weight, quantize_nf4
 
-from lora_testing import compile_report
+from lora_testing import AMPERE_REPORT, HOPPER_REPORT, compile_report, needs_compile_report
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = get_backend("triton").unavailable(torch.device(DEVICE))
@@ -406,23 +406,17 @@ def test_indices_past_int32():
 # (decoding: the forward's GEMV tiles), by Triton's compiler without a GPU:
 # no spills, tensor cores for bf16, W0's words loaded 128 bits at a time, and
 # shared memory within the GPU's.
-_HOPPER = ["--capability", "90", "--sms", "132", "--shared-memory", str(227 * 1024)]
-_AMPERE = ["--capability", "80", "--sms", "108", "--shared-memory", str(163 * 1024)]
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="a GPU compiles the kernels natively in every test")
-@pytest.mark.skipif(
-    _REASON is None and "nvidia" not in triton.backends.backends,
-    reason="this triton build has no NVIDIA compiler backend",
-)
+@needs_compile_report(DEVICE)
 @pytest.mark.parametrize(
     ("flags", "tensor_core_ops", "shared_memory", "sms"),
     [
-        (_HOPPER, "wgmma", 227 * 1024, 132),
-        (_AMPERE, "mma", 163 * 1024, 108),
-        ([*_HOPPER, "--dtype", "fp32", "--dropout", "0"], None, 227 * 1024, 132),
-        ([*_HOPPER, "--tokens", "16"], "mma", 227 * 1024, 132),
-        ([*_AMPERE, "--tokens", "1", "--out-features", "14336"], "mma", 163 * 1024, 108),
+        (HOPPER_REPORT, "wgmma", 227 * 1024, 132),
+        (AMPERE_REPORT, "mma", 163 * 1024, 108),
+        ([*HOPPER_REPORT, "--dtype", "fp32", "--dropout", "0"], None, 227 * 1024, 132),
+        ([*HOPPER_REPORT, "--tokens", "16"], "mma", 227 * 1024, 132),
+        ([*AMPERE_REPORT, "--tokens", "1", "--out-features", "14336"], "mma", 163 * 1024, 108),
     ],
     ids=["sm90-bf16", "sm80-bf16", "sm90-fp32", "sm90-bf16-M16", "sm80-bf16-M1"],
 )

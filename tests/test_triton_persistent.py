@@ -14,7 +14,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lora_kernels._ops import get_backend
 from lora_kernels.nf4 import quantize_nf4
 
-from lora_testing import assert_matches_oracle, compile_report, make_problem, run_lora
+from lora_testing import (
+    HOPPER_REPORT,
+    assert_matches_oracle,
+    compile_report,
+    make_problem,
+    needs_compile_report,
+    run_lora,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = get_backend("triton").unavailable(torch.device(DEVICE))
@@ -25,8 +32,6 @@ pytestmark = [
 ]
 
 if _REASON is None:
-    import triton
-
     from lora_kernels.triton_backend import _launch, forward_gemm, forward_gemm_persistent
     from lora_kernels.triton_backend.forward_gemm_persistent import PERSISTENT_ENV_VAR, applies
 
@@ -164,14 +169,9 @@ def test_needs_hopper(monkeypatch):
 
 # kernel_report --persistent at the DESIGN shape (M=8192, 4096→4096, bf16) for
 # an H100/H200: the persistent forward GEMM free of spills, on wgmma, fed by TMA.
-@pytest.mark.skipif(DEVICE == "cuda", reason="a GPU compiles the kernels natively in every test")
-@pytest.mark.skipif(
-    _REASON is None and "nvidia" not in triton.backends.backends,
-    reason="this triton build has no NVIDIA compiler backend",
-)
+@needs_compile_report(DEVICE)
 def test_compiles_without_spills_on_wgmma_and_tma():
-    flags = ["--capability", "90", "--sms", "132", "--shared-memory", str(227 * 1024)]
-    kernels = compile_report(*flags, "--persistent")
+    kernels = compile_report(*HOPPER_REPORT, "--persistent")
     (gemm,) = [k for k in kernels if k["name"].startswith("forward GEMM")]
     assert gemm["name"] == "forward GEMM (persistent)", gemm
     assert gemm["grid"] == [132], gemm  # one program per SM

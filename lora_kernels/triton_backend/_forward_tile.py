@@ -6,10 +6,37 @@ in fp32 and rounds once to y's dtype."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._dot import mixed_dot
+
+
+def lora_and_output_args(
+    S: torch.Tensor,
+    lora_B: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+) -> dict:
+    """The keyword arguments a forward kernel passes on to ``lora_seed`` and
+    ``store_output``: S's, B's, y's and the bias's strides, the scaling and
+    the constexprs of the LoRA term."""
+    return {
+        "stride_sm": S.stride(0),
+        "stride_sr": S.stride(1),
+        "stride_bn": lora_B.stride(0),
+        "stride_br": lora_B.stride(1),
+        "stride_ym": y.stride(0),
+        "stride_yn": y.stride(1),
+        "stride_bias": bias.stride(0) if bias is not None else 0,
+        "scaling": scaling,
+        "HAS_BIAS": bias is not None,
+        "LORA_PRECISION": _launch.dot_precision(y.dtype, S.dtype, lora_B.dtype),
+        "BLOCK_R": _launch.rank_block(lora_B.shape[1], _launch.GEMM_RANK_BLOCK),
+    }
 
 
 @triton.jit

@@ -29,7 +29,7 @@ from torch.library import wrap_triton
 from ..nf4 import NF4Weight
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
-from ._forward_tile import lora_seed, store_output
+from ._forward_tile import lora_and_output_args, lora_seed, store_output
 from ._tiling import grouped_tile
 from .forward_gemm_persistent import applies, forward_gemm_persistent
 from .nf4_weight_tile import WeightArgs, load_weight_tile
@@ -202,19 +202,9 @@ def forward_gemm(
         x.stride(1),
         w.stride_n,
         w.stride_k,
-        S.stride(0),
-        S.stride(1),
-        lora_B.stride(0),
-        lora_B.stride(1),
-        y.stride(0),
-        y.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        scaling,
-        HAS_BIAS=bias is not None,
+        **lora_and_output_args(S, lora_B, y, bias, scaling),
         **w.constexprs(),
-        LORA_PRECISION=_launch.dot_precision(x.dtype, S.dtype, lora_B.dtype),
         BASE_PRECISION=precision,
-        BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
         **tile,
     )
     return y

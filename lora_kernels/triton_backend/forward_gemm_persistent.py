@@ -31,7 +31,7 @@ from torch.library import wrap_triton
 
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
-from ._forward_tile import lora_seed, store_output
+from ._forward_tile import lora_and_output_args, lora_seed, store_output
 from ._tiling import grouped_tile
 
 try:
@@ -200,18 +200,8 @@ def forward_gemm_persistent(
         K,
         R,
         programs,
-        S.stride(0),
-        S.stride(1),
-        lora_B.stride(0),
-        lora_B.stride(1),
-        y.stride(0),
-        y.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        scaling,
-        HAS_BIAS=bias is not None,
-        LORA_PRECISION=_launch.dot_precision(x.dtype, S.dtype, lora_B.dtype),
+        **lora_and_output_args(S, lora_B, y, bias, scaling),
         BASE_PRECISION=_launch.dot_precision(x.dtype, weight.dtype),
-        BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
         BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_cols,
         BLOCK_K=tile.block_reduction,

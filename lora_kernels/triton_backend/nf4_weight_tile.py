@@ -343,27 +343,16 @@ def load_weight_tile(
                 K_ROWS,
                 DTYPE,
             )
-        elif K_ROWS:
-            w = _decode_nf4_elements(
-                w_ptr,
-                absmax_ptr,
-                code_ptr,
-                n[:, None],
-                k[None, :],
-                mask[None, :],
-                K,
-                NF4_BLOCKSIZE,
-                NF4_INT32,
-                DTYPE,
-            )
         else:
+            # The mask runs along k (the forward's reduction) or along n (dx's).
+            element_mask = mask[None, :] if K_ROWS else mask[:, None]
             w = _decode_nf4_elements(
                 w_ptr,
                 absmax_ptr,
                 code_ptr,
                 n[:, None],
                 k[None, :],
-                mask[:, None],
+                element_mask,
                 K,
                 NF4_BLOCKSIZE,
                 NF4_INT32,
