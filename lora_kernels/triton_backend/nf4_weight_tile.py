@@ -481,11 +481,13 @@ class WeightArgs:
         autotuner's (which pass none) or off a GPU (the interpreter runs the
         dense tile, so that both sum in the same order).
 
-        NF4 on a GPU: fp32 inputs (``precision`` "ieee", CUDA-core dots) keep
-        their tile with the step shortened to ``DECODED_PER_THREAD_FP32``
-        elements per thread, unpipelined -- pipelined, their decoded operand spilled
+        NF4 on a GPU: fp32 inputs (``precision`` "ieee", CUDA-core dots), and
+        weights whose K is not a multiple of 8 (decoded element by element,
+        not in 32-bit words: pipelined at the fp16/bf16 step, dx's tile took
+        272 KB of shared memory on sm_90), keep their tile with the step
+        shortened to ``DECODED_PER_THREAD_FP32`` elements per thread, unpipelined -- pipelined, their decoded operand spilled
         even at 64×64×32 on sm_90 (1.4 KB); unpipelined 128×128×32 takes 246
-        registers. fp16/bf16: ``gemv`` (the forward) and M ≤ ``GEMV_ROWS``
+        registers. fp16/bf16 words: ``gemv`` (the forward) and M ≤ ``GEMV_ROWS``
         take the GEMV tiles (see ``GEMV_STEP``); else ``NF4_WARPS`` warps and
         a step of ``DECODED_PER_THREAD`` elements per thread, and the row
         block is made the longer edge when M allows: each program decodes its
@@ -495,7 +497,7 @@ class WeightArgs:
         if not self.nf4 or not tile or device.type != "cuda":
             return tile
         adjusted = dict(tile)
-        if precision == "ieee":
+        if precision == "ieee" or not self.words:
             threads = 32 * tile["num_warps"]
             step = DECODED_PER_THREAD_FP32 * threads // tile[cols_block]
             adjusted[reduction_block] = max(_launch.MIN_DOT_BLOCK, min(tile[reduction_block], step))
