@@ -41,13 +41,32 @@ def dropout_threshold(p: float) -> int:
     return math.floor(p * 4294967296.0)
 
 
+@torch.library.custom_op(
+    "lora_kernels::draw_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _draw_seed(device: torch.device) -> torch.Tensor:
+    return torch.randint(SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
+@_draw_seed.register_fake
+def _(device: torch.device) -> torch.Tensor:
+    return torch.empty(1, dtype=torch.int64, device=device)
+
+
 def draw_seed(device: torch.device | str) -> torch.Tensor:
     """A fresh 63-bit seed from torch's default generator for ``device``.
 
     Returned as a one-element int64 tensor on ``device`` so that kernels read
-    it without a host sync and ``torch.compile`` can trace the draw.
+    it without a host sync. The draw is an op of its own, opaque to
+    ``torch.compile``: a compiled graph takes the seed from torch's default
+    generator exactly as eager code does, instead of from the compiler's own
+    random stream (inductor's), so the mask depends on the generator's state
+    alone -- the same in eager, compiled training and compiled inference
+    graphs. Tagged ``nondeterministic_seeded``, it is a random op to
+    activation checkpointing: a recompute (eager or compiled) replays the
+    generator state and draws the seed the forward used.
     """
-    return torch.randint(SEED_HIGH, (1,), dtype=torch.int64, device=device)
+    return _draw_seed(torch.device(device))
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import lora_kernels
 from lora_kernels import LoRALinear, _extension
@@ -140,6 +141,66 @@ def test_compile_inductor_cpu_training_step():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert layer.lora_A.weight.grad is not None and layer.lora_A.weight.grad.abs().sum() > 0
+
+
+def _checkpointed_block_loss(layers, x, reentrant):
+    def block(h):
+        return layers[1](torch.tanh(layers[0](h)))
+
+    return checkpoint(block, x, use_reentrant=reentrant).square().sum()
+
+
+_CPU_BACKENDS = [b for b in ("torch", "cpu") if b in lora_kernels.available_backends("cpu")]
+
+
+@pytest.mark.parametrize(
+    ("backend", "reentrant"),
+    [(b, r) for b in _CPU_BACKENDS for r in (False, True) if b == "torch" or not r],
+    ids=lambda v: v if isinstance(v, str) else ("reentrant" if v else "non-reentrant"),
+)
+def test_compiled_checkpointed_dropout_gradients_match_finite_differences(backend, reentrant):
+    """torch.compile (inductor) of a checkpointed block of dropout layers: the
+    recompute and the backward use the seed the forward drew, so the gradients
+    are those of the loss the forward computed. The seed comes from torch's
+    default generator in every graph -- compiled training, compiled inference
+    and eager code alike -- so finite differences of the compiled function
+    evaluated under no_grad (another graph) see the same masks."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layers = [
+        LoRALinear(16, 16, r=4, lora_dropout=0.5, init_lora_weights=False, backend=backend)
+        .double()
+        .train()
+        for _ in range(2)
+    ]
+    x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(_checkpointed_block_loss, fullgraph=True)
+    torch.manual_seed(1)
+    loss = compiled(layers, x, reentrant)
+    loss.backward()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _checkpointed_block_loss(layers, x, reentrant), loss, rtol=1e-12, atol=0
+        )
+    A = layers[0].lora_A.weight
+    grad = A.grad.clone()
+    eps = 1e-6
+    for index in [(0, 0), (1, 3), (2, 9), (3, 15)]:
+        losses = []
+        for step in (eps, -2 * eps):
+            with torch.no_grad():
+                A[index] += step
+                torch.manual_seed(1)
+                losses.append(compiled(layers, x, reentrant).item())
+        with torch.no_grad():
+            A[index] += eps
+        finite_difference = (losses[0] - losses[1]) / (2 * eps)
+        assert grad[index].item() == pytest.approx(finite_difference, rel=1e-6, abs=1e-6), index
+
+
+def test_draw_seed_op_passes_opcheck():
+    torch.library.opcheck(torch.ops.lora_kernels.draw_seed.default, (torch.device("cpu"),))
 
 
 @pytest.mark.parametrize(
