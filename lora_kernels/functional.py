@@ -30,6 +30,35 @@ def _autocast(tensors: dict[str, torch.Tensor | None], device_type: str) -> dict
     return cast
 
 
+def _checked_tensors(x, weight, lora_A, lora_B, bias) -> tuple:
+    """(x, weight, bias, lora_A, lora_B) as the op takes them: types checked,
+    autocast applied, then shapes, dtypes and devices checked."""
+    _validation.check_tensor_types(x, weight, lora_A, lora_B, bias)
+    t = _autocast(
+        {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B},
+        x.device.type,
+    )
+    _validation.check_lora_args(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"])
+    return t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
+
+
+def refusal(
+    x: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> str | None:
+    """Why ``lora_linear`` would refuse these tensors (the message of its
+    ``TypeError``/``ValueError``), or None when it takes them. Layers that can
+    fall back to an unfused forward ask this first."""
+    try:
+        _checked_tensors(x, weight, lora_A, lora_B, bias)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor | NF4Weight,
@@ -62,14 +91,8 @@ def lora_linear(
     """
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    _validation.check_tensor_types(x, weight, lora_A, lora_B, bias)
     scaling, dropout_p = _validation.check_scalars(scaling, dropout_p)
-    t = _autocast(
-        {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B},
-        x.device.type,
-    )
-    x, weight, bias, lora_A, lora_B = t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
-    _validation.check_lora_args(x, weight, lora_A, lora_B, bias)
+    x, weight, bias, lora_A, lora_B = _checked_tensors(x, weight, lora_A, lora_B, bias)
 
     impl = resolve_backend(backend, x)
     lead_shape = x.shape[:-1]

@@ -7,11 +7,13 @@ import math
 import numbers
 import re
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ._ops import BACKEND_NAMES, backend_for_device
+from ._unfused import report_unfused, skipped_hooks
 from .functional import lora_linear
 from .nf4 import NF4Linear, NF4Weight, is_bnb_linear4bit, nf4_linear, quantize_nf4
 
@@ -19,6 +21,28 @@ QUANTIZATIONS = (None, "nf4")
 
 # peft's in-memory key of an adapter weight: lora_A.<adapter name>.weight.
 _PEFT_ADAPTER_KEY = re.compile(r"^lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, its
+    weight stored transposed, (in_features, out_features)), without importing
+    transformers."""
+    return any(
+        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+        for cls in type(module).__mro__
+    )
+
+
+def is_quantized_base(base: nn.Module) -> bool:
+    """Whether a base layer holds an NF4 weight (``NF4Linear``, bitsandbytes ``Linear4bit``)."""
+    return isinstance(base, NF4Linear) or is_bnb_linear4bit(base)
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a base layer."""
+    if is_conv1d(base):
+        return base.nx, base.nf
+    return base.in_features, base.out_features
 
 
 def base_compute_dtype(base: nn.Module) -> torch.dtype:
@@ -47,15 +71,49 @@ def quantized_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
 
 
 def base_weight(base: nn.Module) -> torch.Tensor | NF4Weight:
-    """W0 of a base layer as ``lora_linear`` takes it: a tensor, or an ``NF4Weight``
-    (a view of the quantized layer's storage, nothing copied)."""
+    """W0 of a base layer as ``lora_linear`` takes it, (out_features, in_features):
+    a tensor (a transposed view of a ``Conv1D``'s weight), or an ``NF4Weight`` (a
+    view of the quantized layer's storage). Nothing is copied."""
     if is_bnb_linear4bit(base):
         return NF4Weight.from_bnb(base.weight)
+    if is_conv1d(base):
+        return base.weight.t()
     return base.weight
+
+
+def fused_inputs(
+    base: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | NF4Weight, torch.Tensor | None]:
+    """(x, W0, bias) as the fused op takes them for ``base``. A quantized base
+    computes as bitsandbytes' ``Linear4bit``: x and the bias in the layer's
+    compute dtype (the caller casts the output back to x's dtype); under
+    ``torch.autocast``, in autocast's dtype."""
+    weight, bias = base_weight(base), base.bias
+    if not isinstance(weight, NF4Weight):
+        return x, weight, bias
+    autocast = torch.is_autocast_enabled(x.device.type)
+    compute = x.dtype if autocast else quantized_compute_dtype(base, x)
+    return x.to(compute), weight, None if bias is None else bias.to(compute)
 
 
 def _base_device(base: nn.Module) -> torch.device:
     return base.packed.device if isinstance(base, NF4Linear) else base.weight.device
+
+
+def unfused_lora(
+    x: torch.Tensor,
+    base_output: torch.Tensor,
+    lora_A: nn.Module,
+    lora_B: nn.Module,
+    scaling: float,
+    dropout: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``base_output + scaling · lora_B(lora_A(dropout(x)))`` through the modules
+    themselves (their hooks fire), as peft's LoRA ``Linear`` computes it: outside
+    autocast, x in the adapters' dtype and the LoRA term in the output's."""
+    if not torch.is_autocast_enabled(x.device.type):
+        x = x.to(lora_A.weight.dtype)
+    return base_output + (lora_B(lora_A(dropout(x))) * scaling).to(base_output.dtype)
 
 
 def _check_base_layer(base: nn.Module) -> None:
@@ -67,10 +125,10 @@ def _check_base_layer(base: nn.Module) -> None:
             )
         if getattr(base.weight, "quant_state", None) is not None:
             NF4Weight.from_bnb(base.weight)  # quantized already: its state must be NF4's layout
-    elif not isinstance(base, (nn.Linear, NF4Linear)):
+    elif not isinstance(base, (nn.Linear, NF4Linear)) and not is_conv1d(base):
         raise TypeError(
-            "the base layer must be an nn.Linear, an NF4Linear or a bitsandbytes Linear4bit, "
-            f"got {type(base).__name__}"
+            "the base layer must be an nn.Linear, a transformers Conv1D, an NF4Linear or a "
+            f"bitsandbytes Linear4bit, got {type(base).__name__}"
         )
 
 
@@ -158,12 +216,12 @@ class LoRALinear(nn.Module):
                 in_features, out_features, bias=bias, device=device, dtype=dtype
             )
         if quantize == "nf4":
-            if type(_base_layer) is not nn.Linear:
+            if type(_base_layer) is not nn.Linear and not is_conv1d(_base_layer):
                 raise ValueError(
-                    f"quantize='nf4' quantizes an nn.Linear; the base layer is a "
+                    f"quantize='nf4' quantizes an nn.Linear or a Conv1D; the base layer is a "
                     f"{type(_base_layer).__name__} already"
                 )
-            _base_layer = NF4Linear.from_linear(_base_layer)
+            _base_layer = NF4Linear(quantize_nf4(base_weight(_base_layer)), _base_layer.bias)
         _check_base_layer(_base_layer)
         self.base_layer = _base_layer
         self.base_layer.requires_grad_(False)
@@ -190,22 +248,26 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, **kwargs) -> LoRALinear:
         """Wrap an existing layer, sharing it (not copying) as the base layer: an
-        ``nn.Linear`` (``quantize="nf4"`` quantizes it into an ``NF4Linear``
-        instead), an ``NF4Linear``, or a quantized ``bitsandbytes.nn.Linear4bit``
-        (NF4), whose packed weight and quant state are used in place. The new
-        layer takes its train/eval mode, so a layer wrapped in an evaluating
-        model applies no dropout."""
-        if not (isinstance(linear, (nn.Linear, NF4Linear)) or is_bnb_linear4bit(linear)):
+        ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's; its transposed weight
+        is read in place, as peft's ``fan_in_fan_out``), which ``quantize="nf4"``
+        quantizes into an ``NF4Linear`` instead; an ``NF4Linear``; or a quantized
+        ``bitsandbytes.nn.Linear4bit`` (NF4), whose packed weight and quant state
+        are used in place. The new layer takes its train/eval mode, so a layer
+        wrapped in an evaluating model applies no dropout."""
+        if not (
+            isinstance(linear, (nn.Linear, NF4Linear))
+            or is_bnb_linear4bit(linear)
+            or is_conv1d(linear)
+        ):
             raise TypeError(
-                "linear must be an nn.Linear, an NF4Linear or a bitsandbytes Linear4bit, got "
-                f"{type(linear).__name__}"
+                "linear must be an nn.Linear, a transformers Conv1D, an NF4Linear or a "
+                f"bitsandbytes Linear4bit, got {type(linear).__name__}"
             )
         for key in ("bias", "device", "dtype"):
             if key in kwargs:
                 raise TypeError(f"from_linear takes {key} from the given layer; do not pass {key}=")
         layer = cls(
-            linear.in_features,
-            linear.out_features,
+            *base_features(linear),
             r=r,
             bias=linear.bias is not None,
             _base_layer=linear,
@@ -235,7 +297,7 @@ class LoRALinear(nn.Module):
     @property
     def quantized(self) -> bool:
         """Whether the base weight is NF4 (QLoRA)."""
-        return isinstance(self.base_layer, NF4Linear) or is_bnb_linear4bit(self.base_layer)
+        return is_quantized_base(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -243,11 +305,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return base_features(self.base_layer)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return base_features(self.base_layer)[1]
 
     # merging ---------------------------------------------------------------
 
@@ -260,10 +322,11 @@ class LoRALinear(nn.Module):
 
     def _add_to_base(self, delta: torch.Tensor, safe_merge: bool) -> None:
         if not self.quantized:
-            merged = self.base_layer.weight + delta
+            weight = self.weight  # (out, in): a transposed view of a Conv1D's weight
+            merged = weight + delta
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError("merging the adapter would make the base weight non-finite")
-            self.base_layer.weight.copy_(merged)
+            weight.copy_(merged)
             return
         # As peft does for 4-bit layers: dequantize, add, quantize again -- which
         # rounds the result to NF4, so the merged layer is only close to base + LoRA.
@@ -348,34 +411,41 @@ class LoRALinear(nn.Module):
     # forward ---------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.quantized:
-            if self.merged:
-                return self.base_layer(x)
-            return self._lora_linear(x, self.base_layer.bias)
-        # A quantized base computes in its compute dtype and returns x's dtype,
-        # as bitsandbytes' Linear4bit does; under torch.autocast, in autocast's.
-        compute = quantized_compute_dtype(self.base_layer, x)
         if self.merged:
-            # Not through a bitsandbytes layer's own forward: on the CPU in eval
-            # mode that repacks its weight out of the NF4 layout, for good.
-            return nf4_linear(x, self.weight, self.base_layer.bias, compute)
-        if torch.is_autocast_enabled(x.device.type):
-            compute = x.dtype
-        bias = self.base_layer.bias
-        bias = None if bias is None else bias.to(compute)
-        return self._lora_linear(x.to(compute), bias).to(x.dtype)
-
-    def _lora_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return lora_linear(
-            x,
-            self.weight,
+            if self.quantized:
+                # Not through a bitsandbytes layer's own forward: on the CPU in eval
+                # mode that repacks its weight out of the NF4 layout, for good.
+                compute = quantized_compute_dtype(self.base_layer, x)
+                return nf4_linear(x, self.weight, self.base_layer.bias, compute)
+            return self.base_layer(x)
+        dropout_p = self.lora_dropout if self.training else 0.0
+        reason = skipped_hooks(
+            {"base_layer": self.base_layer, "lora_A": self.lora_A, "lora_B": self.lora_B}
+        )
+        if reason is not None:
+            report_unfused(self, f"LoRALinear({self.extra_repr()})", reason)
+            return unfused_lora(
+                x,
+                self.base_layer(x),
+                self.lora_A,
+                self.lora_B,
+                self.scaling,
+                lambda t: nn.functional.dropout(t, dropout_p, training=dropout_p > 0),
+            )
+        # A quantized base computes in its compute dtype and returns x's dtype,
+        # as bitsandbytes' Linear4bit does (fused_inputs).
+        x_in, weight, bias = fused_inputs(self.base_layer, x)
+        y = lora_linear(
+            x_in,
+            weight,
             self.lora_A.weight,
             self.lora_B.weight,
             self.scaling,
             bias=bias,
-            dropout_p=self.lora_dropout if self.training else 0.0,
+            dropout_p=dropout_p,
             backend=backend_for_device(self.backend, x.device),
         )
+        return y.to(x.dtype) if self.quantized else y
 
     def extra_repr(self) -> str:
         return (

@@ -245,8 +245,9 @@ class NF4Weight:
         state = getattr(weight, "quant_state", None)
         if state is None:
             raise ValueError(
-                "the bitsandbytes weight is not quantized yet (no quant_state): move its "
-                "Linear4bit to the GPU or call .quantize first"
+                "the bitsandbytes weight is not quantized yet (no quant_state): bitsandbytes "
+                "quantizes a Linear4bit when it is moved to a device, e.g. layer.to('cuda') "
+                "or layer.to('cpu')"
             )
         if state.quant_type != "nf4":
             raise ValueError(f"only NF4 weights are supported, got quant_type={state.quant_type!r}")

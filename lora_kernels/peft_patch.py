@@ -1,18 +1,21 @@
 """Route an existing peft model's LoRA ``Linear`` layers to the fused op, in
 place, on peft's own parameters.
 
-Each eligible layer instance gets a ``forward`` of its own that calls
-``lora_linear`` with ``base_layer.weight``, ``lora_A[name].weight`` and
-``lora_B[name].weight``; peft's classes are not touched. The original forward
-is kept on the instance and is used whenever the layer's state at call time
-is outside the fused path (adapters merged or disabled, ``adapter_names``
-passed, a different adapter set made active), so ``save_pretrained``,
-``merge_and_unload``, ``set_adapter`` and ``disable_adapter`` behave as in peft.
+Each eligible layer's class becomes a subclass of its peft class
+(``Linear``, or ``Linear4bit`` for QLoRA) that overrides only ``forward``: it
+calls ``lora_linear`` with ``base_layer``'s weight, ``lora_A[name].weight``
+and ``lora_B[name].weight``. peft's classes are not touched, and because the
+forward belongs to the class, every copy of a layer -- ``nn.DataParallel``'s
+replicas, ``copy.deepcopy``, pickling -- computes with its own parameters.
+peft's own forward runs whenever the layer's state at call time is outside the
+fused path (adapters merged or disabled, ``adapter_names`` passed, an adapter
+set made active that does not fuse, hooks the fused op would skip), so
+``save_pretrained``, ``merge_and_unload``, ``set_adapter`` and
+``disable_adapter`` behave as in peft.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections import defaultdict
 
@@ -20,26 +23,41 @@ import torch
 from torch import nn
 
 from ._ops import BACKEND_NAMES, backend_for_device
-from .functional import lora_linear
-from .layers import base_weight, quantized_compute_dtype
+from ._unfused import UnfusedWarning, forget_reports, report_unfused, skipped_hooks
+from .functional import lora_linear, refusal
+from .layers import fused_inputs, is_conv1d
 from .nf4 import NF4Weight, is_bnb_linear4bit
 
-# Instance attributes a patched layer carries.
-_ORIGINAL_FORWARD = "_lora_kernels_original_forward"
-_HAD_INSTANCE_FORWARD = "_lora_kernels_had_instance_forward"
+# Instance attributes of a patched layer: its backend, and its name in the model.
 _BACKEND = "_lora_kernels_backend"
+_NAME = "_lora_kernels_name"
+# The fused subclass of peft's class ``C`` is ``_FUSED_PREFIX + C.__name__`` in this module.
+_FUSED_PREFIX = "Fused"
 
 
-class PeftFallbackWarning(UserWarning):
-    """Some peft LoRA layers stay on peft's own (unfused) forward."""
+class PeftFallbackWarning(UnfusedWarning):
+    """Some peft LoRA layers stay on peft's own (unfused) forward: at
+    ``patch_peft``, or for a call whose inputs or state the fused op does not take."""
 
 
-def _peft_lora_linear_classes() -> tuple[type, ...]:
-    """peft's LoRA Linear, and its bitsandbytes 4-bit variant when bitsandbytes is there."""
+# --------------------------------------------------------------------------
+# peft's classes and their fused subclasses
+# --------------------------------------------------------------------------
+
+
+def _peft_lora_layer_class() -> type:
     try:
-        from peft.tuners.lora.layer import Linear
+        from peft.tuners.lora.layer import LoraLayer
     except ImportError as exc:
         raise ImportError("patch_peft needs peft: pip install 'lora_kernels[interop]'") from exc
+    return LoraLayer
+
+
+def _fusable_peft_classes() -> tuple[type, ...]:
+    """peft's LoRA Linear, and its bitsandbytes 4-bit variant when bitsandbytes is there."""
+    _peft_lora_layer_class()
+    from peft.tuners.lora.layer import Linear
+
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # no bitsandbytes: peft defines no 4-bit layers
@@ -47,30 +65,95 @@ def _peft_lora_linear_classes() -> tuple[type, ...]:
     return (Linear, Linear4bit)
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` whose forward is exactly ``F.linear`` on its own weights:
-    no subclass forward, no instance forward, no hooks that the fused op would skip."""
-    return (
-        isinstance(module, nn.Linear)
-        and type(module).forward is nn.Linear.forward
-        and "forward" not in module.__dict__
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and module.weight.is_floating_point()
-    )
+_FUSED_CLASSES: dict[type, type] = {}
 
 
-def _plain_nf4_linear(module: nn.Module) -> bool:
-    """A bitsandbytes ``Linear4bit`` holding an NF4 weight, with its own forward and no hooks."""
-    return (
-        is_bnb_linear4bit(module)
-        and type(module).__name__ == "Linear4bit"
-        and "forward" not in module.__dict__
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and getattr(module.weight, "quant_state", None) is not None
-        and module.weight.quant_state.quant_type == "nf4"
-    )
+def _fused_class(peft_class: type) -> type:
+    """The subclass of ``peft_class`` whose forward is the fused one (made once).
+    It keeps peft's class name, so printed models look as before."""
+    fused = _FUSED_CLASSES.get(peft_class)
+    if fused is None:
+        fused = type(
+            peft_class.__name__,
+            (peft_class,),
+            {
+                "forward": _fused_forward,
+                "__module__": __name__,
+                "__qualname__": _FUSED_PREFIX + peft_class.__name__,
+                "__doc__": f"peft's {peft_class.__name__} on lora_kernels' fused op (patch_peft).",
+            },
+        )
+        _FUSED_CLASSES[peft_class] = fused
+    return fused
+
+
+def __getattr__(name: str) -> type:
+    # pickle finds a patched layer's class here by its qualified name.
+    if name.startswith(_FUSED_PREFIX):
+        for peft_class in _fusable_peft_classes():
+            if name == _FUSED_PREFIX + peft_class.__name__:
+                return _fused_class(peft_class)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_patched(layer: nn.Module) -> bool:
+    """Whether ``patch_peft`` routed this layer to the fused op."""
+    return type(layer) in _FUSED_CLASSES.values()
+
+
+# --------------------------------------------------------------------------
+# What fuses
+# --------------------------------------------------------------------------
+
+
+def _plain_module(module: nn.Module, cls: type) -> bool:
+    """A module whose forward is ``cls.forward``: no subclass override."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _plain_base(base: nn.Module) -> bool:
+    """An ``nn.Linear``, a transformers ``Conv1D``, or a bitsandbytes ``Linear4bit``
+    holding an NF4 weight, each with its class's own forward."""
+    if is_conv1d(base):
+        from transformers.pytorch_utils import Conv1D
+
+        return _plain_module(base, Conv1D)
+    if is_bnb_linear4bit(base):
+        return type(base).__name__ == "Linear4bit"
+    return _plain_module(base, nn.Linear) and base.weight.is_floating_point()
+
+
+def _base_reason(base: nn.Module) -> str | None:
+    state = getattr(getattr(base, "weight", None), "quant_state", None)
+    if is_bnb_linear4bit(base):
+        if state is None:
+            return "its bitsandbytes Linear4bit base is not quantized yet"
+        if state.quant_type != "nf4":
+            return f"its 4-bit base is {state.quant_type.upper()}, not NF4"
+        if getattr(state, "packing_format_for_cpu", False):
+            return (
+                "its base layer's weight was repacked by bitsandbytes for its CPU inference kernel"
+            )
+    if not _plain_base(base):
+        return (
+            f"its base layer is a {type(base).__name__}, not a plain nn.Linear, Conv1D or NF4 "
+            "bitsandbytes Linear4bit"
+        )
+    return None
+
+
+def _other_layer_reason(layer: nn.Module) -> str:
+    """Why a peft LoRA layer of another class than Linear/Linear4bit does not fuse."""
+    name = type(layer).__name__
+    if "8bit" in name:
+        return f"an 8-bit bitsandbytes base ({name})"
+    if name == "Embedding":
+        return "an embedding LoRA layer (the fused op is a linear layer)"
+    if name.startswith("Conv"):
+        return f"a convolution LoRA layer ({name})"
+    if name.startswith("Linear4bit"):
+        return f"a 4-bit base of another layout ({name})"
+    return f"a peft {name} LoRA layer (only Linear and NF4 Linear4bit layers fuse)"
 
 
 def _active_lora_adapters(layer: nn.Module) -> list[str]:
@@ -89,16 +172,11 @@ def _dropout_p(dropout: nn.Module) -> float | None:
 
 def _unfused_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot run on the fused op in its current state (None if it can)."""
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out (Conv1D-style transposed base weight)"
-    state = getattr(getattr(layer.base_layer, "weight", None), "quant_state", None)
-    if getattr(state, "packing_format_for_cpu", False):
-        return "base layer's weight repacked by bitsandbytes for its CPU inference kernel"
-    if not (_plain_linear(layer.base_layer) or _plain_nf4_linear(layer.base_layer)):
-        return (
-            f"base layer is a {type(layer.base_layer).__name__}, not a plain nn.Linear or an "
-            "NF4 bitsandbytes Linear4bit"
-        )
+    if "forward" in layer.__dict__:
+        return "its forward is replaced on the instance (an accelerate hook?)"
+    reason = _base_reason(layer.base_layer)
+    if reason is not None:
+        return reason
     active = _active_lora_adapters(layer)
     if len(active) != 1:
         return f"{len(active)} active adapters (the fused op runs exactly one)"
@@ -111,93 +189,95 @@ def _unfused_reason(layer: nn.Module) -> str | None:
     if getattr(layer, "use_dora", {}).get(name, False):
         return f"adapter {name!r} uses DoRA"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-    if not (_plain_linear(lora_A) and _plain_linear(lora_B)):
+    if not (_plain_module(lora_A, nn.Linear) and _plain_module(lora_B, nn.Linear)):
         return f"adapter {name!r} has non-plain lora_A/lora_B modules"
     if lora_B.bias is not None:
         return f"adapter {name!r} has a bias on lora_B (lora_bias=True)"
-    if _dropout_p(layer.lora_dropout[name]) is None:
+    dropout = layer.lora_dropout[name]
+    if _dropout_p(dropout) is None:
         return f"adapter {name!r} has a custom dropout module"
-    return None
-
-
-def _fused_inputs_supported(x: torch.Tensor, weight, bias, lora_A, lora_B) -> bool:
-    """Whether ``lora_linear`` accepts these tensors as they are (else peft's
-    forward runs, which casts as it needs)."""
-    quantized = isinstance(weight, NF4Weight)
-    tensors = [t for t in (x, weight, bias, lora_A, lora_B) if t is not None]
-    if any(t.device != x.device for t in tensors):
-        return False
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        return False
-    if torch.is_autocast_enabled(x.device.type):
-        return all((quantized and t is weight) or t.is_floating_point() for t in tensors)
-    adapter_ok = {x.dtype, torch.float64 if x.dtype == torch.float64 else torch.float32}
-    return (
-        (weight.dtype == x.dtype if not quantized else x.dtype != torch.float64)
-        and (bias is None or bias.dtype == x.dtype)
-        and lora_A.dtype in adapter_ok
-        and lora_B.dtype in adapter_ok
+    return skipped_hooks(
+        {
+            "base_layer": layer.base_layer,
+            f"lora_A[{name!r}]": lora_A,
+            f"lora_B[{name!r}]": lora_B,
+            f"lora_dropout[{name!r}]": dropout,
+        }
     )
 
 
-def _original_forward(layer: nn.Module):
-    saved = layer.__dict__.get(_ORIGINAL_FORWARD)
-    return saved if saved is not None else functools.partial(type(layer).forward, layer)
+# --------------------------------------------------------------------------
+# The fused forward
+# --------------------------------------------------------------------------
 
 
-def _patched_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft ``Linear.forward`` on the fused op; peft's own forward outside the fused path."""
-    extra_kwargs = any(v is not None for v in kwargs.values())  # adapter_names, alora_offsets, ...
-    if args or extra_kwargs or layer.disable_adapters or layer.merged or _unfused_reason(layer):
-        return _original_forward(layer)(x, *args, **kwargs)
-    (name,) = _active_lora_adapters(layer)
-    base = layer.base_layer
-    lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
-    weight, bias = base_weight(base), base.bias
-    quantized = isinstance(weight, NF4Weight)
-    if quantized:
-        # bitsandbytes computes in the layer's compute dtype (its bias cast to
-        # it) and returns x's dtype; inputs in another dtype keep peft's
-        # forward, which casts them.
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if x.dtype != quantized_compute_dtype(base, x) and not autocast:
-            return _original_forward(layer)(x, *args, **kwargs)
-        bias = None if bias is None else bias.to(x.dtype)
-    if not _fused_inputs_supported(x, weight, bias, lora_A, lora_B):
-        return _original_forward(layer)(x, *args, **kwargs)
+    peft_forward = type(self).__bases__[0].forward
+    # Merged or disabled adapters and mixed batches (adapter_names) are peft
+    # features chosen by the caller: peft computes them, silently.
+    if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+        return peft_forward(self, x, *args, **kwargs)
+    reason = _unfused_reason(self)
+    if reason is None:
+        extra = [key for key, value in kwargs.items() if value is not None]
+        if args or extra:
+            reason = f"peft forward arguments beyond x ({len(args)} positional, {extra})"
+    if reason is None:
+        (name,) = _active_lora_adapters(self)
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        x_in, weight, bias = fused_inputs(self.base_layer, x)
+        reason = refusal(x_in, weight, lora_A, lora_B, bias)
+    if reason is not None:
+        what = f"peft layer {self.__dict__.get(_NAME, type(self).__name__)!r}"
+        report_unfused(self, what, reason, PeftFallbackWarning)
+        return peft_forward(self, x, *args, **kwargs)
     y = lora_linear(
-        x,
+        x_in,
         weight,
         lora_A,
         lora_B,
-        layer.scaling[name],
+        self.scaling[name],
         bias=bias,
-        dropout_p=_dropout_p(layer.lora_dropout[name]),
-        backend=backend_for_device(layer.__dict__[_BACKEND], x.device),
+        dropout_p=_dropout_p(self.lora_dropout[name]),
+        backend=backend_for_device(self.__dict__[_BACKEND], x.device),
     )
-    return y.to(x.dtype) if quantized else y
+    # A quantized base computes in its compute dtype and returns x's dtype, as
+    # peft's Linear4bit (bitsandbytes' base and peft's LoRA branch both do).
+    return y.to(x.dtype) if isinstance(weight, NF4Weight) else y
 
 
-def is_patched(layer: nn.Module) -> bool:
-    """Whether ``patch_peft`` routed this layer to the fused op."""
-    return _BACKEND in layer.__dict__
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
 
 
 def patch_peft(peft_model: nn.Module, *, backend: str = "auto") -> int:
     """Route peft's LoRA ``Linear`` layers to ``lora_kernels.lora_linear``, in place.
 
     A layer is patched when it holds one active, unmerged, vanilla LoRA
-    adapter on a plain ``nn.Linear`` base or a bitsandbytes ``Linear4bit`` with
-    an NF4 weight (QLoRA; any dropout, base bias or not). Layers with DoRA or
-    another LoRA variant, several active adapters, ``fan_in_fan_out`` (Conv1D
-    bases), ``lora_bias``, another quantised base (8-bit, FP4, ...) or a hooked
-    base layer keep peft's forward; they are listed in a
-    ``PeftFallbackWarning``. A patched layer also uses peft's forward, call by
-    call, while adapters are merged or disabled, when ``adapter_names`` (mixed
-    batches) is passed, when its active adapter changes to one outside the
-    fused path, or for inputs the fused op does not take. After
-    ``set_adapter`` to a new adapter, call ``patch_peft`` again to pick up
-    layers that became eligible.
+    adapter on a plain ``nn.Linear`` base, a transformers ``Conv1D`` base
+    (``fan_in_fan_out``, GPT-2) or a bitsandbytes ``Linear4bit`` with an NF4
+    weight (QLoRA; any dropout, base bias or not). Every other peft LoRA layer
+    keeps peft's forward and is listed, with the reason, in a
+    ``PeftFallbackWarning``: DoRA and other LoRA variants, several active
+    adapters, ``lora_bias``, 8-bit, FP4 and other quantised bases, embedding
+    and convolution LoRA layers, custom dropout modules, and layers with hooks
+    on their base layer, ``lora_A``, ``lora_B`` or dropout module (which the
+    fused op would not call).
+
+    A patched layer also uses peft's forward, call by call, while adapters are
+    merged or disabled and when ``adapter_names`` (mixed batches) is passed
+    (silently: those are peft features the caller chose), and -- with a
+    ``PeftFallbackWarning`` once per layer and reason -- when its state or
+    inputs at call time are outside the fused path: its active adapter
+    switched to one that does not fuse, hooks registered since (global module
+    hooks included), inputs the fused op does not take. A QLoRA layer fed
+    another dtype than its compute dtype (``prepare_model_for_kbit_training``
+    keeps hidden states in float32) runs fused, as bitsandbytes computes: x
+    cast to the compute dtype, the output cast back. After ``set_adapter`` to
+    a new adapter, call ``patch_peft`` again to pick up layers that became
+    eligible.
 
     Args:
         peft_model: a ``PeftModel`` (or any module containing peft LoRA layers).
@@ -211,28 +291,26 @@ def patch_peft(peft_model: nn.Module, *, backend: str = "auto") -> int:
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    peft_linears = _peft_lora_linear_classes()
+    lora_layer = _peft_lora_layer_class()
+    fusable = _fusable_peft_classes()
     patched = 0
     skipped: dict[str, list[str]] = defaultdict(list)
     for name, module in peft_model.named_modules():
-        # Exact types: peft's LoRA Linear and its bitsandbytes 4-bit (NF4)
-        # variant; its other quantised layers compute differently.
-        if type(module) not in peft_linears:
+        if not isinstance(module, lora_layer):
             continue
         if is_patched(module):
             module.__dict__[_BACKEND] = backend
             patched += 1
             continue
-        reason = _unfused_reason(module)
+        # Exact types: peft's LoRA Linear and its bitsandbytes 4-bit (NF4)
+        # variant; its other layers compute differently.
+        reason = _unfused_reason(module) if type(module) in fusable else _other_layer_reason(module)
         if reason is not None:
             skipped[reason].append(name)
             continue
-        # Keep an existing instance forward (e.g. an accelerate hook) to call
-        # and restore; otherwise the class's forward is the original.
-        module.__dict__[_HAD_INSTANCE_FORWARD] = "forward" in module.__dict__
-        module.__dict__[_ORIGINAL_FORWARD] = module.__dict__.get("forward")
         module.__dict__[_BACKEND] = backend
-        module.forward = functools.partial(_patched_forward, module)
+        module.__dict__[_NAME] = name
+        module.__class__ = _fused_class(type(module))
         patched += 1
     if skipped:
         lines = [f"  {reason}: {', '.join(names)}" for reason, names in skipped.items()]
@@ -246,7 +324,7 @@ def patch_peft(peft_model: nn.Module, *, backend: str = "auto") -> int:
 
 
 def unpatch_peft(peft_model: nn.Module) -> int:
-    """Undo ``patch_peft``: every patched layer gets its original forward back.
+    """Undo ``patch_peft``: every patched layer gets peft's class (and forward) back.
 
     Returns:
         The number of layers restored.
@@ -255,12 +333,9 @@ def unpatch_peft(peft_model: nn.Module) -> int:
     for module in peft_model.modules():
         if not is_patched(module):
             continue
-        original = module.__dict__.pop(_ORIGINAL_FORWARD)
-        had_instance_forward = module.__dict__.pop(_HAD_INSTANCE_FORWARD)
+        module.__class__ = type(module).__bases__[0]
         del module.__dict__[_BACKEND]
-        if had_instance_forward:
-            module.forward = original
-        else:
-            del module.__dict__["forward"]
+        module.__dict__.pop(_NAME, None)
+        forget_reports(module)
         restored += 1
     return restored

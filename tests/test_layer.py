@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from lora_kernels import LoRALinear
+from lora_kernels import LoRALinear, UnfusedWarning
 from lora_kernels._ops import get_backend
 
 from lora_testing import backend_params
@@ -245,3 +246,49 @@ def test_refuses_peft_state_dicts_it_cannot_represent():
     lora_bias = _peft_layer(lora_bias=True).state_dict()
     with pytest.raises(ValueError, match=r"lora_B\.default\.bias.*not part of a plain LoRA"):
         LoRALinear(12, 7, r=3).load_state_dict(lora_bias, strict=False)
+
+
+def test_hooks_on_submodules_fire():
+    # Per-sample-gradient and attribution tools hook the adapter's nn.Linear
+    # modules; the fused op reads their weights without calling them, so a
+    # hooked layer runs its unfused forward (the hooks fire), saying so once.
+    layer = LoRALinear(24, 16, r=3, init_lora_weights=False)
+    x = torch.randn(5, 24, requires_grad=True)
+    fused = layer(x)
+    fused.sum().backward()
+    fused_grads = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+        t.grad = None
+    seen = []
+    handles = [
+        layer.lora_A.register_forward_hook(lambda m, args, out: seen.append("A forward")),
+        layer.lora_B.register_full_backward_hook(lambda m, gi, go: seen.append("B backward")),
+    ]
+    with pytest.warns(UnfusedWarning, match="forward hooks are registered on lora_A"):
+        y = layer(x)
+    y.sum().backward()
+    assert seen == ["A forward", "B backward"]
+    torch.testing.assert_close(y, fused)
+    for got, expected in zip(
+        (x, layer.lora_A.weight, layer.lora_B.weight), fused_grads, strict=True
+    ):
+        torch.testing.assert_close(got.grad, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per layer and reason
+        layer(x)
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    layer(x).sum().backward()
+    assert not seen
+
+
+def test_hooked_layer_applies_dropout_in_training_only():
+    layer = LoRALinear(16, 8, r=2, lora_dropout=0.5, init_lora_weights=False)
+    layer.lora_A.register_forward_pre_hook(lambda m, args: None)
+    x = torch.randn(64, 16)
+    with pytest.warns(UnfusedWarning):
+        first = layer(x)
+    assert not torch.equal(first, layer(x))
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)

@@ -5,6 +5,8 @@ gradients and training losses; patched models keep peft's features."""
 from __future__ import annotations
 
 import copy
+import importlib
+import pickle
 import subprocess
 import sys
 import warnings
@@ -15,10 +17,16 @@ import torch
 from torch import nn
 
 import lora_kernels
-from lora_kernels import inject_lora, patch_peft, trainable_parameters, unpatch_peft
+from lora_kernels import (
+    PeftFallbackWarning,
+    inject_lora,
+    patch_peft,
+    trainable_parameters,
+    unpatch_peft,
+)
 from lora_kernels import peft_patch as peft_patch_module
 
-from tiny_llama import TARGETS, lora_parameters, tiny_llama, token_batch
+from tiny_llama import TARGETS, lora_parameters, tiny_gpt2, tiny_llama, token_batch
 
 peft = pytest.importorskip("peft")
 
@@ -237,28 +245,41 @@ def test_switching_a_patched_model_to_dora_falls_back(three_models, fused_calls)
     assert not fused_calls
 
 
-def test_fan_in_fan_out_conv1d_stays_on_peft(fused_calls):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
-    gpt2 = peft.get_peft_model(
-        transformers.GPT2LMHeadModel(config),
-        peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True),
-    )
-    with pytest.warns(peft_patch_module.PeftFallbackWarning, match="fan_in_fan_out"):
-        assert patch_peft(gpt2) == 0
-    gpt2(input_ids=torch.randint(0, 64, (1, 5)))
-    assert not fused_calls
+def gpt2_peft_models(**config) -> tuple[nn.Module, nn.Module]:
+    """(peft, patched peft) GPT-2s with LoRA on their Conv1D layers (fan_in_fan_out)."""
+    config = {"r": 2, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True, **config}
+    reference = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(init_lora_weights=False, **config))
+    patched = copy.deepcopy(reference)
+    return reference, patched
+
+
+def test_fan_in_fan_out_conv1d_layers_fuse(fused_calls):
+    # GPT-2's Conv1D stores W0 transposed; the fused op reads it in place.
+    reference, patched = gpt2_peft_models()
+    assert patch_peft(patched) == 3  # attn.c_attn, attn.c_proj, mlp.c_proj
+    ids = token_batch(seq=7)["input_ids"]
+    results = []
+    for model in (reference, patched):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {k: p.grad for k, p in lora_parameters(model).items()}
+        results.append((out.logits.detach(), grads))
+    assert len(fused_calls) == 3
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for key, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][key], grad, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_unpatch_restores_peft_forward(three_models, fused_calls):
     reference, patched, _ = three_models
     layers = [m for m in patched.modules() if peft_patch_module.is_patched(m)]
     assert len(layers) == 2 * len(TARGETS)
-    assert all("forward" in m.__dict__ for m in layers)
+    assert all(type(m).forward is not peft.tuners.lora.layer.Linear.forward for m in layers)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert patch_peft(patched) == 2 * len(TARGETS)  # idempotent, nothing to report
     assert unpatch_peft(patched) == 2 * len(TARGETS)
+    assert all(type(m) is peft.tuners.lora.layer.Linear for m in layers)
     assert not any("forward" in m.__dict__ or peft_patch_module.is_patched(m) for m in layers)
     batch = token_batch()
     torch.testing.assert_close(logits(patched, batch), logits(reference, batch))
@@ -303,3 +324,131 @@ def test_pretrained_minilm_example_smoke():
     assert result.returncode == 0, result.stderr[-2000:]
     for expected in ("accuracy before", "accuracy after", "trainable of", "peft + patch_peft"):
         assert expected in result.stdout
+
+
+# --------------------------------------------------------------------------
+# Copies of patched layers, hooks, layers that do not fuse
+# --------------------------------------------------------------------------
+
+
+def replicate_on_cpu(network: nn.Module, monkeypatch) -> nn.Module:
+    """One replica by ``nn.parallel.replicate``'s own steps (what DataParallel
+    runs before each forward), its parameter copies clones where DataParallel
+    broadcasts them to the other GPUs."""
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")
+
+    def clones(tensors, devices, detach=False):
+        return [[t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices]
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape", clones)
+    (replica,) = replicate_module.replicate(network, [0])
+    return replica
+
+
+def test_data_parallel_replicas_compute_with_their_own_parameters(
+    three_models, monkeypatch, fused_calls
+):
+    _, patched, _ = three_models
+    batch = token_batch()
+    with patched.disable_adapter():
+        base_logits = logits(patched, batch)
+    adapted = logits(patched, batch)
+    replica = replicate_on_cpu(patched, monkeypatch)
+    # Gradients reach the original's parameters through the copies, as in DataParallel.
+    replica(**batch).loss.backward()
+    assert all(p.grad is not None for p in lora_parameters(patched).values())
+    # The replica computes with its copies: zeroed lora_B copies give the base model.
+    for module in replica.modules():
+        if peft_patch_module.is_patched(module):
+            lora_B = module.lora_B["default"]
+            lora_B.weight = torch.zeros_like(lora_B.weight)
+    calls = len(fused_calls)
+    torch.testing.assert_close(logits(replica, batch), base_logits)
+    assert len(fused_calls) == calls + 2 * len(TARGETS)  # fused, on the replica's tensors
+    torch.testing.assert_close(logits(patched, batch), adapted)
+
+
+def test_patched_model_pickles_as_patched(three_models, tmp_path, fused_calls):
+    _, patched, _ = three_models
+    batch = token_batch()
+    expected = logits(patched, batch)
+    clone = pickle.loads(pickle.dumps(patched))
+    assert sum(peft_patch_module.is_patched(m) for m in clone.modules()) == 2 * len(TARGETS)
+    calls = len(fused_calls)
+    torch.testing.assert_close(logits(clone, batch), expected, rtol=0, atol=0)
+    assert len(fused_calls) == calls + 2 * len(TARGETS)
+    # A fresh process finds the patched layers' classes by name.
+    torch.save({"model": patched, "batch": batch, "expected": expected}, tmp_path / "model.pt")
+    code = (
+        "import torch, lora_kernels\n"
+        f"saved = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+        "model = saved['model'].eval()\n"
+        "assert sum(lora_kernels.peft_patch.is_patched(m) for m in model.modules()) == 4\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(model(**saved['batch']).logits, saved['expected'])\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.split()[-1] == "ok", result.stderr[-3000:]
+
+
+def test_hooks_on_adapter_modules_fire(three_models, fused_calls):
+    # Attribution and per-sample-gradient tools hook lora_B; the fused op would skip it.
+    reference, patched, _ = three_models
+    batch = token_batch()
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    seen = []
+    for model in (reference, patched):
+        lora_B = model.get_submodule(name).lora_B["default"]
+        lora_B.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(grad_out[0]))
+    _, ref_logits, ref_grads = loss_and_grads(reference, batch)
+    with pytest.warns(PeftFallbackWarning, match="backward hooks are registered on lora_B"):
+        _, out, grads = loss_and_grads(patched, batch)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], seen[0])
+    torch.testing.assert_close(out, ref_logits, rtol=1e-5, atol=1e-5)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert len(fused_calls) == 2 * len(TARGETS) - 1  # the other layers still fuse
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per layer and reason
+        loss_and_grads(patched, batch)
+
+
+def test_global_module_hooks_fire(three_models, fused_calls):
+    _, patched, _ = three_models
+    called = []
+
+    def hook(module, args, output):
+        called.append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with pytest.warns(PeftFallbackWarning, match="global module forward hooks"):
+            logits(patched, token_batch())
+    finally:
+        handle.remove()
+    lora_modules = [m for m in patched.modules() if isinstance(m, nn.Linear)]
+    assert all(any(m is c for c in called) for m in lora_modules)
+    assert not fused_calls
+    logits(patched, token_batch())
+    assert len(fused_calls) == 2 * len(TARGETS)  # fused again once the hook is gone
+
+
+def test_peft_layers_that_do_not_fuse_are_reported(fused_calls):
+    bnb = pytest.importorskip("bitsandbytes")
+    base = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 16), nn.Linear(16, 8))
+    eight_bit = bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False)
+    eight_bit.load_state_dict(base[1].state_dict())
+    base[1] = eight_bit.to("cpu")
+    base.is_loaded_in_8bit = True  # what transformers marks, so peft picks its 8-bit layer
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0", "1", "2"]))
+    with pytest.warns(PeftFallbackWarning) as record:
+        assert patch_peft(model) == 1
+    message = str(record[0].message)
+    assert "an 8-bit bitsandbytes base (Linear8bitLt): base_model.model.1" in message
+    assert "an embedding LoRA layer" in message and "base_model.model.0" in message
+    model(torch.randint(0, 10, (3,)))
+    assert len(fused_calls) == 1

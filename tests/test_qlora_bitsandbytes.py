@@ -5,6 +5,7 @@ bitsandbytes runs on the CPU, so these parity checks run in CI."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -146,8 +147,11 @@ def test_bitsandbytes_layers_outside_the_format_are_refused():
     with pytest.raises(ValueError, match="only NF4 bitsandbytes layers are supported"):
         LoRALinear.from_linear(fp4)
     unquantized = bnb.nn.Linear4bit(96, 40, quant_type="nf4")
-    with pytest.raises(ValueError, match="not quantized yet"):
+    with pytest.raises(ValueError, match="not quantized yet") as error:
         NF4Weight.from_bnb(unquantized.weight)
+    # What the message tells the user to do quantizes the layer.
+    assert "layer.to('cpu')" in str(error.value) and ".quantize" not in str(error.value)
+    NF4Weight.from_bnb(unquantized.to("cpu").weight)
 
 
 def test_lora_linear_on_bitsandbytes_linear4bit():
@@ -253,6 +257,7 @@ def qlora_models():
     from tiny_llama import TARGETS, tiny_llama
 
     base = _to_4bit(tiny_llama().to(torch.bfloat16))
+    base.is_loaded_in_4bit = True  # what transformers marks, so peft picks its 4-bit layer
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     ours = lora_kernels.inject_lora(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8)
@@ -347,3 +352,88 @@ def test_adapter_files_of_a_qlora_model(qlora_models, tmp_path):
         load_file(tmp_path / "again" / "adapter_model.safetensors").keys()
         == load_file(tmp_path / "adapter_model.safetensors").keys()
     )
+
+
+def test_trainable_parameters_count_like_peft_on_4bit_bases(qlora_models):
+    # bitsandbytes packs two 4-bit values a byte; peft counts the values.
+    _, theirs, ours = qlora_models
+    trainable, total = theirs.get_nb_trainable_parameters()
+    assert lora_kernels.trainable_parameters(ours)[:2] == (trainable, total)
+
+
+def test_merge_and_unload_requantizes_the_4bit_layers_as_peft(qlora_models):
+    # peft's merge of a 4-bit layer: dequantize, add the delta, quantize the sum.
+    from tiny_llama import token_batch
+
+    _, theirs, ours = qlora_models
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoRALinear)}
+    exact = {
+        n: m.weight.dequantize(torch.float32) + m.get_delta_weight().float()
+        for n, m in layers.items()
+    }
+    batch = token_batch()
+    with torch.no_grad():
+        adapted = theirs.eval()(**batch).logits
+        ours.eval()
+        with pytest.warns(UserWarning, match="quantizes the sum again"):
+            assert lora_kernels.merge_and_unload(ours) is ours
+        assert not any(isinstance(m, LoRALinear) for m in ours.modules())
+        for name, expected in exact.items():
+            layer = ours.get_submodule(name)
+            assert type(layer) is bnb.nn.Linear4bit and layer.weight.quant_state.quant_type == "nf4"
+            assert within_nf4_rounding(NF4Weight.from_bnb(layer.weight), expected), name
+        torch.testing.assert_close(ours(**batch).logits, adapted, rtol=0.1, atol=0.1)
+
+
+def test_standard_qlora_recipe_runs_fused(tmp_path, monkeypatch):
+    # BitsAndBytesConfig(nf4, bf16 compute) -> prepare_model_for_kbit_training
+    # -> get_peft_model: the recipe keeps hidden states in fp32, which the
+    # fused path casts to the compute dtype as bitsandbytes' Linear4bit does.
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lora_kernels import peft_patch
+
+    from tiny_llama import TARGETS, lora_parameters, tiny_llama, token_batch
+
+    tiny_llama().save_pretrained(tmp_path)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantization, device_map="cpu"
+    )
+    model = peft.prepare_model_for_kbit_training(model)  # fp32 hidden states, checkpointing
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    reference = peft.get_peft_model(model, config)
+    patched = copy.deepcopy(reference)
+    calls = []
+    fused = peft_patch.lora_linear
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.dtype)
+        return fused(x, *args, **kwargs)
+
+    monkeypatch.setattr(peft_patch, "lora_linear", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora_kernels.UnfusedWarning)
+        assert lora_kernels.patch_peft(patched) == 4
+        batch = token_batch()
+        results = []
+        for model in (reference, patched):
+            model.train()
+            loss = model(**batch).loss
+            loss.backward()
+            grads = {k: p.grad for k, p in lora_parameters(model).items()}
+            results.append((loss.detach(), grads))
+    fused_classes = {type(m).__bases__[0] for m in patched.modules() if peft_patch.is_patched(m)}
+    assert fused_classes == {peft.tuners.lora.bnb.Linear4bit}
+    # Each layer fused its forward and its recompute (gradient checkpointing).
+    assert calls == [torch.bfloat16] * 2 * 4
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    for key, grad in grads.items():
+        scale = ref_grads[key].abs().max()
+        assert (grad - ref_grads[key]).abs().max() <= 0.05 * scale, key
