@@ -9,7 +9,15 @@ The format (peft's, for a LoRA adapter):
   ``base_model.model.<name>.lora_B.weight`` (out_features, r);
 - ``adapter_config.json``: peft's ``LoraConfig`` fields; ``r`` and
   ``lora_alpha`` are the most common values, with ``rank_pattern`` and
-  ``alpha_pattern`` (full module names) for layers that differ.
+  ``alpha_pattern`` (full module names) for layers that differ;
+- modules trained whole (``modules_to_save``, e.g. a classification head):
+  their state under ``base_model.model.<name>.<key>``, their names in the
+  config's ``modules_to_save``.
+
+Module names are the model's own, without the components that wrappers add
+(``torch.compile``'s ``_orig_mod.``, ``DataParallel``/DDP's ``module.``,
+activation checkpointing's and FSDP's), so a compiled or wrapped model saves
+and loads the same files as the bare one.
 """
 
 from __future__ import annotations
@@ -24,8 +32,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .injection import is_linear_target, replace_module, target_module_names
-from .layers import LoRALinear, adapter_dtype_for
+from .injection import (
+    MODULE_TO_SAVE,
+    is_linear_target,
+    modules_to_save,
+    replace_module,
+    target_module_names,
+    unwrapped_named_modules,
+)
+from .layers import LoRALinear, adapter_dtype_for, is_conv1d
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -36,10 +51,8 @@ _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 # computes or where it lives; such adapters are not LoRALinear adapters.
 _UNSUPPORTED_CONFIG = {
     "use_dora": False,
-    "fan_in_fan_out": False,
     "bias": "none",
     "lora_bias": False,
-    "modules_to_save": None,
     "layer_replication": None,
     "target_parameters": None,
     "trainable_token_indices": None,
@@ -65,7 +78,12 @@ def _safetensors():
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """The model's ``LoRALinear`` layers by name without wrapper components."""
+    return {
+        name: module
+        for name, _, module in unwrapped_named_modules(model)
+        if isinstance(module, LoRALinear)
+    }
 
 
 def _most_common(values: dict[str, float]) -> float:
@@ -76,7 +94,8 @@ def _saved_target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """The last name components of the adapted layers when they select exactly
     these layers (peft's usual form, e.g. ["q_proj", "v_proj"]); else the full names."""
     suffixes = sorted({name.rpartition(".")[2] for name in names})
-    if set(target_module_names(model, suffixes)) == set(names):
+    unwrapped = {real: name for name, real, _ in unwrapped_named_modules(model)}
+    if {unwrapped[n] for n in target_module_names(model, suffixes)} == set(names):
         return suffixes
     return sorted(names)
 
@@ -93,10 +112,13 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
-    """Write the model's ``LoRALinear`` adapters to ``directory`` in peft's format.
+    """Write the model's ``LoRALinear`` adapters (and its ``modules_to_save``) to
+    ``directory`` in peft's format.
 
     Args:
-        model: a model with ``LoRALinear`` layers (e.g. from ``inject_lora``).
+        model: a model with ``LoRALinear`` layers (e.g. from ``inject_lora``),
+            bare or wrapped (``torch.compile``, ``DataParallel``, DDP): the
+            file's names are the bare model's either way.
         directory: created if missing; ``adapter_model.safetensors`` and
             ``adapter_config.json`` are (over)written there.
         base_model_name_or_path: recorded in the config (default: the model's
@@ -121,9 +143,12 @@ def save_adapter(
     tensors = {}
     for name, layer in layers.items():
         for which, module in (("A", layer.lora_A), ("B", layer.lora_B)):
-            tensors[f"{PEFT_PREFIX}{name}.lora_{which}.weight"] = (
-                module.weight.detach().to("cpu", copy=True).contiguous()
-            )
+            tensors[f"{PEFT_PREFIX}{name}.lora_{which}.weight"] = module.weight
+    saved_whole = modules_to_save(model)
+    for name, module in saved_whole.items():
+        for key, tensor in module.state_dict().items():
+            tensors[f"{PEFT_PREFIX}{name}.{key}"] = tensor
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
 
     ranks = {name: layer.r for name, layer in layers.items()}
     alphas = {name: layer.lora_alpha for name, layer in layers.items()}
@@ -143,10 +168,12 @@ def save_adapter(
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "init_lora_weights": True,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # peft's flag for Conv1D bases (GPT-2); peft sets it per layer by the
+        # base's type when loading, whatever the file says.
+        "fan_in_fan_out": all(is_conv1d(layer.base_layer) for layer in layers.values()),
         "use_dora": False,
         "lora_bias": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(saved_whole) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
@@ -185,19 +212,19 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _read_weights(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {"A": tensor, "B": tensor}} from the weights file."""
+def _read_weights(directory: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """({module name: {"A": tensor, "B": tensor}}, {other key: tensor}) from the
+    weights file: the LoRA pairs, and the rest (modules saved whole)."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    others: dict[str, torch.Tensor] = {}
     for key, tensor in _safetensors().load_file(path).items():
         match = _KEY.match(key.removeprefix(PEFT_PREFIX))
         if match is None:
-            raise ValueError(
-                f"{path}: key {key!r} is not a LoRA linear weight "
-                "(expected '<module>.lora_A.weight' or '<module>.lora_B.weight')"
-            )
+            others[key.removeprefix(PEFT_PREFIX)] = tensor
+            continue
         modules.setdefault(match["module"], {})[match["which"]] = tensor
     for name, pair in modules.items():
         if set(pair) != {"A", "B"}:
@@ -207,7 +234,33 @@ def _read_weights(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
                 f"{path}: module {name!r} has lora_A {tuple(pair['A'].shape)} and "
                 f"lora_B {tuple(pair['B'].shape)}, not (r, in) and (out, r)"
             )
-    return modules
+    return modules, others
+
+
+def _load_modules_to_save(
+    model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Load the file's modules saved whole (peft's ``modules_to_save``: each
+    module's state under its name) into the model's modules of those names,
+    and mark them so ``save_adapter`` writes them again."""
+    entries = config.get("modules_to_save") or []
+    candidates = {
+        name: module
+        for name, _, module in unwrapped_named_modules(model)
+        if name and any(name == e or name.endswith(f".{e}") for e in entries)
+    }
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        owner = max((n for n in candidates if key.startswith(f"{n}.")), key=len, default=None)
+        if owner is None:
+            raise ValueError(
+                f"{path}: key {key!r} is neither a LoRA linear weight ('<module>.lora_A.weight', "
+                f"'<module>.lora_B.weight') nor in a module of modules_to_save {entries}"
+            )
+        states.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
+    for name, state in states.items():
+        candidates[name].load_state_dict(state)
+        candidates[name].__dict__[MODULE_TO_SAVE] = True
 
 
 def load_adapter(
@@ -233,12 +286,18 @@ def load_adapter(
     model is put in eval mode (no dropout). With ``is_trainable=True`` A and
     B train and each new layer keeps the train/eval mode of the layer it wraps.
 
+    Modules the file saves whole (peft's ``modules_to_save``, e.g. a
+    classification head) are loaded into the model's modules of those names,
+    trainable only with ``is_trainable``. ``model`` may be compiled or wrapped
+    (``torch.compile``, ``DataParallel``, DDP): the file's names are matched
+    without the wrappers' name components.
+
     Returns:
         ``model``.
     """
     directory = Path(directory)
     config = _read_config(directory)
-    weights = _read_weights(directory)
+    weights, saved_whole = _read_weights(directory)
     alpha_default = config.get("lora_alpha", 8)
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
@@ -252,30 +311,32 @@ def load_adapter(
             f"only in the model {only_model}, only in the file {only_file}"
         )
     if not existing:
+        real_names = {name: real for name, real, _ in unwrapped_named_modules(model)}
         for name in weights:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
+            if name not in real_names:
                 raise ValueError(
                     f"the adapter in {directory} targets {name!r}, which the model lacks"
-                ) from None
+                )
+            module = model.get_submodule(real_names[name])
             if not is_linear_target(module):
                 raise TypeError(
                     f"the adapter targets {name!r}, a {type(module).__name__}, not a linear "
-                    "layer (nn.Linear or bitsandbytes Linear4bit)"
+                    "layer (nn.Linear, Conv1D or bitsandbytes Linear4bit)"
                 )
         model.requires_grad_(False)
         for name, pair in weights.items():
+            base = model.get_submodule(real_names[name])
             layer = LoRALinear.from_linear(
-                model.get_submodule(name),
+                base,
                 r=pair["A"].shape[0],
                 lora_alpha=_pattern_value(alpha_pattern, name, alpha_default),
                 lora_dropout=float(config.get("lora_dropout", 0.0)),
                 use_rslora=use_rslora,
                 backend=backend,
-                adapter_dtype=adapter_dtype_for(model.get_submodule(name), autocast_adapter_dtype),
+                adapter_dtype=adapter_dtype_for(base, autocast_adapter_dtype),
             )
-            replace_module(model, name, layer)
+            replace_module(model, real_names[name], layer)
+    _load_modules_to_save(model, config, saved_whole, directory / WEIGHTS_NAME)
 
     for name, layer in lora_layers(model).items():
         A, B = weights[name]["A"], weights[name]["B"]
@@ -297,6 +358,8 @@ def load_adapter(
             layer.lora_B.weight.copy_(B)
         layer.lora_A.requires_grad_(is_trainable)
         layer.lora_B.requires_grad_(is_trainable)
+    for module in modules_to_save(model).values():
+        module.requires_grad_(is_trainable)
     if not is_trainable:
         model.eval()
     return model

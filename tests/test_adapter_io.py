@@ -202,3 +202,114 @@ def test_model_state_dicts_interchange_with_peft():
     assert adapter.keys() == peft.get_peft_model_state_dict(theirs).keys()
     assert not peft.set_peft_model_state_dict(theirs, adapter).unexpected_keys
     torch.testing.assert_close(logits(theirs, batch), logits(ours, batch), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------
+# Wrapped models, modules saved whole, Conv1D bases
+# --------------------------------------------------------------------------
+
+
+def _single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    return dist
+
+
+WRAPPERS = {
+    "compile": lambda model: torch.compile(model, backend="eager"),
+    "DataParallel": torch.nn.DataParallel,
+    "DistributedDataParallel": torch.nn.parallel.DistributedDataParallel,
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_wrapped_models_save_and_load_the_bare_names(tmp_path, wrapper):
+    # A compiled model's names carry `_orig_mod.`, a data-parallel one's
+    # `module.`: the files must not, or peft loads nothing (with a warning) and
+    # serves the untrained base.
+    base = tiny_llama()
+    model = inject_lora(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8)
+    randomise_adapters(model)
+    dist = _single_process_group(tmp_path) if wrapper == "DistributedDataParallel" else None
+    try:
+        wrapped = WRAPPERS[wrapper](model)
+        assert any(n.startswith(("_orig_mod.", "module.")) for n, _ in wrapped.named_modules())
+        save_adapter(wrapped, tmp_path / "wrapped")
+        save_adapter(model, tmp_path / "bare")
+        keys = [
+            safetensors_torch.load_file(tmp_path / d / "adapter_model.safetensors").keys()
+            for d in ("wrapped", "bare")
+        ]
+        assert keys[0] == keys[1]
+        configs = [
+            json.loads((tmp_path / d / "adapter_config.json").read_text())
+            for d in ("wrapped", "bare")
+        ]
+        assert configs[0]["target_modules"] == configs[1]["target_modules"] == sorted(TARGETS)
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "wrapped"))
+        batch = token_batch()
+        torch.testing.assert_close(logits(loaded, batch), logits(model, batch))
+
+        # And back into a wrapped model: new layers, or existing ones.
+        fresh = copy.deepcopy(base)
+        load_adapter(WRAPPERS[wrapper](fresh), tmp_path / "wrapped")
+        torch.testing.assert_close(logits(fresh, batch), logits(model, batch))
+        load_adapter(wrapped, tmp_path / "bare")
+    finally:
+        if dist is not None:
+            dist.destroy_process_group()
+
+
+def test_modules_to_save_interchange_with_peft(tmp_path):
+    from tiny_llama import tiny_llama_classifier
+
+    base = tiny_llama_classifier()
+    ids = token_batch()["input_ids"]
+    model = inject_lora(copy.deepcopy(base), "all-linear", r=2, modules_to_save=["score"])
+    randomise_adapters(model)
+    with torch.no_grad():
+        model.score.weight.normal_()
+    expected = logits_of(model, ids)
+    save_adapter(model, tmp_path, task_type="SEQ_CLS")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["score"]
+    assert "base_model.model.score.weight" in safetensors_torch.load_file(
+        tmp_path / "adapter_model.safetensors"
+    )
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(logits_of(theirs, ids), expected)
+
+    # peft's SEQ_CLS adapter (head under modules_to_save) loads here, and again back.
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "peft", is_trainable=True)
+    torch.testing.assert_close(logits_of(ours, ids), expected)
+    assert ours.score.weight.requires_grad
+    save_adapter(ours, tmp_path / "again")
+    assert (
+        safetensors_torch.load_file(tmp_path / "again" / "adapter_model.safetensors").keys()
+        == safetensors_torch.load_file(tmp_path / "adapter_model.safetensors").keys()
+    )
+    frozen = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_gpt2_conv1d_adapters_interchange_with_peft(tmp_path):
+    from tiny_llama import tiny_gpt2
+
+    base = tiny_gpt2()
+    batch = token_batch()
+    model = inject_lora(copy.deepcopy(base), "all-linear", r=2)
+    randomise_adapters(model)
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    torch.testing.assert_close(logits(theirs, batch), logits(model, batch))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(ours, batch), logits(model, batch))

@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from lora_kernels import LoRALinear, inject_lora, trainable_parameters
+from lora_kernels import (
+    LoRALinear,
+    NF4Linear,
+    inject_lora,
+    merge_and_unload,
+    trainable_parameters,
+    unload,
+)
 
 
 class Block(nn.Module):
@@ -218,3 +225,139 @@ def test_injected_layers_take_the_mode_of_the_layers_they_replace():
     inject_lora(mixed, ["q_proj"], r=2)
     assert mixed.layers[0].q_proj.training and not mixed.layers[1].q_proj.training
     assert not any(m.training for m in mixed.layers[1].q_proj.modules())
+
+
+# --------------------------------------------------------------------------
+# transformers models: GPT-2's Conv1D layers, classification heads
+# --------------------------------------------------------------------------
+
+
+def _peft_targets(model: nn.Module, **config) -> set[str]:
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, target_modules="all-linear", **config)
+    )
+    return {n.removeprefix("base_model.model.") for n in wrapped.targeted_module_names}
+
+
+def test_all_linear_adapts_gpt2_conv1d_layers_as_peft():
+    from tiny_llama import tiny_gpt2, token_batch
+
+    model = tiny_gpt2()
+    ids = token_batch()["input_ids"]
+    before = model(input_ids=ids).logits
+    inject_lora(model, "all-linear", r=2, init_lora_weights=False)
+    assert (
+        lora_names(model)
+        == _peft_targets(tiny_gpt2())
+        == {
+            "transformer.h.0.attn.c_attn",
+            "transformer.h.0.attn.c_proj",
+            "transformer.h.0.mlp.c_fc",
+            "transformer.h.0.mlp.c_proj",
+        }
+    )
+    layer = model.transformer.h[0].attn.c_attn
+    assert (layer.in_features, layer.out_features) == (32, 96)
+    assert layer.weight.shape == (96, 32) and layer.weight._base is layer.base_layer.weight
+    # B random: the adapter changes the output; merged, the Conv1D weights hold it.
+    adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, before)
+    merge_and_unload(model)
+    assert not lora_names(model)
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_all_linear_leaves_a_classification_head_to_modules_to_save():
+    from tiny_llama import tiny_llama_classifier
+
+    peft_targets = _peft_targets(tiny_llama_classifier(), task_type="SEQ_CLS")
+    with pytest.warns(
+        UserWarning, match=r"classification head 'score'.*modules_to_save=\['score'\]"
+    ):
+        frozen_head = inject_lora(tiny_llama_classifier(), "all-linear", r=2)
+    assert lora_names(frozen_head) == peft_targets and "score" not in peft_targets
+    assert not frozen_head.score.weight.requires_grad
+
+    model = inject_lora(tiny_llama_classifier(), "all-linear", r=2, modules_to_save=["score"])
+    assert lora_names(model) == peft_targets
+    assert model.score.weight.requires_grad
+    # peft's SEQ_CLS task trains the same parameters: the adapters and the head
+    # (its total also counts the untrained original it keeps beside the head's copy).
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(
+        tiny_llama_classifier(),
+        peft.LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"),
+    )
+    trainable, total = theirs.get_nb_trainable_parameters()
+    assert trainable_parameters(model)[:2] == (trainable, total - model.score.weight.numel())
+
+
+def test_modules_to_save_errors():
+    with pytest.raises(ValueError, match="matched no module"):
+        inject_lora(TinyNet(), ["q_proj"], modules_to_save=["classifier"])
+    with pytest.raises(ValueError, match="both a LoRA target and"):
+        inject_lora(TinyNet(), ["q_proj"], modules_to_save=["layers"])
+    with pytest.raises(TypeError, match="list of module names"):
+        inject_lora(TinyNet(), ["q_proj"], modules_to_save="lm_head")
+
+
+# --------------------------------------------------------------------------
+# merge_and_unload, unload
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(quantize):
+    torch.manual_seed(0)
+    model = TinyNet(d=64)
+    original = {n: type(m) for n, m in model.named_modules()}
+    inject_lora(model, ["q_proj", "v_proj"], r=4, init_lora_weights=False, quantize=quantize)
+    x = torch.randn(3, 64)
+    adapted = model(x)
+    if quantize:
+        with pytest.warns(UserWarning, match="quantizes the sum again"):
+            assert merge_and_unload(model, safe_merge=True) is model
+    else:
+        assert merge_and_unload(model, safe_merge=True, progressbar=True) is model
+    assert not lora_names(model)
+    expected_types = dict(original)
+    if quantize:
+        for n in lora_targets(original):
+            expected_types[n] = NF4Linear
+    assert {n: type(m) for n, m in model.named_modules()} == expected_types
+    # NF4: the merged weight is rounded to NF4 again (as peft's 4-bit layers).
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if quantize is None else {"rtol": 0.1, "atol": 0.1}
+    torch.testing.assert_close(model(x), adapted, **tolerance)
+
+
+def lora_targets(names) -> list[str]:
+    return [n for n in names if n.endswith(("q_proj", "v_proj"))]
+
+
+def test_unload_gives_back_the_base_model():
+    torch.manual_seed(0)
+    model = TinyNet()
+    x = torch.randn(3, 16)
+    before = model(x)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    inject_lora(model, ["q_proj", "v_proj"], r=4, init_lora_weights=False)
+    model.layers[0].q_proj.merge()  # merged ones are unmerged first
+    assert not torch.allclose(model(x), before)
+    assert unload(model) is model
+    assert not lora_names(model)
+    torch.testing.assert_close(model(x), before)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, weights[n], msg=n)
+    layer = LoRALinear(8, 4)
+    assert unload(layer) is layer.base_layer
+    with pytest.raises(ValueError, match="no LoRALinear layers"):
+        unload(TinyNet())
+
+
+def test_trainable_parameters_of_nf4_layers_count_their_weights():
+    # As peft counts the dense model: the NF4 weight is out·in parameters.
+    dense = inject_lora(TinyNet(d=64), ["q_proj", "v_proj"], r=4)
+    quantized = inject_lora(TinyNet(d=64), ["q_proj", "v_proj"], r=4, quantize="nf4")
+    assert trainable_parameters(quantized) == trainable_parameters(dense)
