@@ -205,7 +205,7 @@ def child_main(config_json: str) -> None:
     if backend not in lora_kernels.available_backends(device):
         # Private, but the only place that says why; the check above is the public one.
         try:
-            from lora_kernels._ops import get_backend
+            from lora_kernels.ops.registry import get_backend
 
             reason = get_backend(backend).unavailable(device)
         except Exception as exc:  # a reason is a nicety, not worth failing over

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_kernels
-from lora_kernels._ops import resolve_backend
+from lora_kernels.ops.registry import resolve_backend
 
 LABELS = {
     "business": "Business and economy news.",

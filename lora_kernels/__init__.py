@@ -8,15 +8,23 @@ CUDA, CPU (C++) and pure-PyTorch backends.
 
 from __future__ import annotations
 
-from . import _extension, _ops
-from ._ops import available_backends
-from ._unfused import UnfusedWarning
-from .adapter_io import load_adapter, save_adapter
+from .backends import extension
 from .functional import lora_linear
-from .injection import inject_lora, merge_and_unload, trainable_parameters, unload
-from .layers import LoRALinear
-from .nf4 import NF4Linear, NF4Weight, quantize_nf4
-from .peft_patch import PeftFallbackWarning, patch_peft, unpatch_peft
+from .interop import (
+    PeftFallbackWarning,
+    inject_lora,
+    load_adapter,
+    merge_and_unload,
+    patch_peft,
+    save_adapter,
+    trainable_parameters,
+    unload,
+    unpatch_peft,
+)
+from .nn import LoRALinear, NF4Linear
+from .nn.unfused import UnfusedWarning
+from .ops.registry import available_backends, backend_unavailable_reason, preload_backends
+from .quant import NF4Weight, quantize_nf4
 
 __version__ = "0.1.0"
 __all__ = [
@@ -27,6 +35,7 @@ __all__ = [
     "UnfusedWarning",
     "__version__",
     "available_backends",
+    "backend_unavailable_reason",
     "inject_lora",
     "load_adapter",
     "lora_linear",
@@ -39,6 +48,6 @@ __all__ = [
     "unpatch_peft",
 ]
 
-_extension.warn_if_unavailable()
-if _ops.triton_backend_may_run():
-    _ops.load_triton_backend()
+# Every backend that may run here loads now: torch.compile must never trace an import.
+preload_backends()
+extension.warn_if_unavailable()

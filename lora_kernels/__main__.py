@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from . import params_table
+from .interop import params as params_table
 
 
 def _parse_ranks(text: str) -> list[int]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _validation
-from ._nf4_op import nf4_forward
-from ._ops import BACKEND_NAMES, resolve_backend
-from .dropout import draw_seed
-from .nf4 import NF4Weight
+from .ops import validation as _validation
+from .ops.nf4_op import nf4_forward
+from .ops.registry import BACKEND_NAMES, resolve_backend
+from .ops.seed import draw_seed
+from .quant.nf4 import NF4Weight
 
 
 def _autocast(tensors: dict[str, torch.Tensor | None], device_type: str) -> dict:

@@ -89,8 +89,8 @@ BUILD_LOG="$OUT/build.log"
 has_cuda_kernels() {
   "$PYTHON" -c "
 import sys, lora_kernels
-from lora_kernels import _extension
-sys.exit(0 if _extension.has_kernel('lora_forward', 'CUDA') else 1)" >>"$BUILD_LOG" 2>&1
+from lora_kernels.backends import extension
+sys.exit(0 if extension.has_kernel('lora_forward', 'CUDA') else 1)" >>"$BUILD_LOG" 2>&1
 }
 if has_cuda_kernels; then
   echo "build: skipped, the extension in place loads with CUDA kernels" >>"$SUMMARY"
@@ -110,9 +110,9 @@ else
 fi
 step "CUDA kernels registered" 60 "$BUILD_LOG" "$PYTHON" -c "
 import lora_kernels
-from lora_kernels import _extension
-print('extension:', _extension.error() or 'loaded')
-assert _extension.has_kernel('lora_forward', 'CUDA'), 'lora_forward has no CUDA kernel'
+from lora_kernels.backends import extension
+print('extension:', extension.error() or 'loaded')
+assert extension.has_kernel('lora_forward', 'CUDA'), 'lora_forward has no CUDA kernel'
 print('backends on cuda:', lora_kernels.available_backends('cuda'))
 " || FAILED=1
 

@@ -205,7 +205,7 @@ def needs_compile_report(device: str) -> pytest.MarkDecorator:
 
 
 def compile_report(*flags: str) -> list[dict]:
-    """``python -m lora_kernels.triton_backend.kernel_report --json`` with
+    """``python -m benchmarks.kernel_report --json`` with
     ``flags``: what Triton's real compiler makes of every kernel, run in a
     child without the interpreter (and without autotuning)."""
     env = {
@@ -215,7 +215,7 @@ def compile_report(*flags: str) -> list[dict]:
     }
     env["PYTHONWARNINGS"] = "ignore"
     result = subprocess.run(
-        [sys.executable, "-m", "lora_kernels.triton_backend.kernel_report", "--json", *flags],
+        [sys.executable, "-m", "benchmarks.kernel_report", "--json", *flags],
         capture_output=True,
         text=True,
         env=env,

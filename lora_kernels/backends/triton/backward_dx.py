@@ -1,0 +1,212 @@
+"""dx = dy·W0 + D⊙(dS·A)/(1−p) in one GEMM.
+
+Each output tile (rows of x × input features) first computes its LoRA term
+dS·A over the rank (dS is fp32: TF32 for fp16/bf16 inputs), applies the regenerated dropout mask and 1/(1−p)
+to that term alone, and then uses it as the initial accumulator of the base
+GEMM dy·W0, which runs over the output features. The LoRA term thus has its
+own accumulation (the mask never touches dy·W0) without holding a second
+accumulator through the main loop. Grouped tile order, wrapped edge loads
+and masked stores as in the forward GEMM, and W0 dense or NF4 (decoded tile
+by tile, on NF4's own tiles) as there.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ...quant.nf4 import NF4Weight
+from . import _gemm_configs, _launch
+from ._dot import mixed_dot
+from ._dropout import DropoutArgs, keep_mask, quad_aligned
+from ._tiling import grouped_tile
+from .nf4_weight_tile import WeightArgs, load_weight_tile
+
+
+# M is not specialised: batches of any token count share one compiled kernel.
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _grad_x_kernel(
+    dy_ptr,
+    w_ptr,
+    absmax_ptr,
+    code_ptr,
+    ds_ptr,
+    a_ptr,
+    seed_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_dym,
+    stride_dyn,
+    stride_wn,
+    stride_wk,
+    stride_dsm,
+    stride_dsr,
+    stride_ar,
+    stride_ak,
+    stride_dxm,
+    stride_dxk,
+    threshold,
+    keep_scale,
+    DROPOUT: tl.constexpr,
+    QUAD_ALIGNED: tl.constexpr,
+    W_NF4: tl.constexpr,
+    NF4_BLOCKSIZE: tl.constexpr,
+    NF4_WORDS: tl.constexpr,
+    NF4_ALIGNED: tl.constexpr,
+    NF4_INT32: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    rows = offs_m % M
+    cols = offs_k % K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        ds = tl.load(
+            ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+            mask=mask_r[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
+            mask=mask_r[:, None],
+            other=0.0,
+        )
+        acc = mixed_dot(ds, a, acc, LORA_PRECISION)
+    if DROPOUT:
+        # The mask of the tile's true (unwrapped) rows and columns.
+        keep = keep_mask(
+            tl.load(seed_ptr), offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_K, QUAD_ALIGNED
+        )
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_n = offs_n < N
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=mask_n[None, :],
+            other=0.0,
+        )
+        w = load_weight_tile(
+            w_ptr,
+            absmax_ptr,
+            code_ptr,
+            offs_n,
+            cols,
+            pid_k * BLOCK_K,
+            mask_n,
+            stride_wn,
+            stride_wk,
+            K,
+            W_NF4,
+            NF4_BLOCKSIZE,
+            NF4_WORDS,
+            NF4_ALIGNED,
+            NF4_INT32,
+            dx_ptr.dtype.element_ty,
+            False,
+        )
+        acc = mixed_dot(dy, w, acc, BASE_PRECISION)
+
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],
+    )
+
+
+# With dropout the mask of the LoRA term is built for the whole output tile
+# beside the accumulator; past 64 elements per thread that spills (a 128×256
+# tile with 8 warps: 255 registers and 1.2 KB of spills per thread on sm_90,
+# by kernel_report), at 64 it takes 182 registers.
+_MASKED_ELEMENTS_PER_THREAD = 64
+
+_grad_x_kernel_tuned = _gemm_configs.tuned(
+    _grad_x_kernel, "BLOCK_K", "BLOCK_N", cols_arg="K", operand_arg="dy_ptr"
+)
+
+
+def grad_x_gemm(
+    grad_y: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
+    dS: torch.Tensor,
+    lora_A: torch.Tensor,
+    x: torch.Tensor,
+    dropout: DropoutArgs,
+) -> torch.Tensor:
+    """dx (M×K, x's dtype, contiguous) for M ≥ 1; ``x`` gives the shape and dtype.
+    W0 (``weight``) dense or an ``NF4Weight``, decoded tile by tile."""
+    M, K = x.shape
+    N = weight.shape[0]
+    w = WeightArgs.of(weight, K, x.dtype)
+    R = lora_A.shape[0]
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+    precision = _launch.dot_precision(x.dtype, grad_y.dtype, w.dtype)
+    kernel, tile = _gemm_configs.launch_choice(
+        _grad_x_kernel,
+        _grad_x_kernel_tuned,
+        M,
+        K,
+        x.dtype,
+        x.device,
+        "BLOCK_K",
+        "BLOCK_N",
+        max_elements_per_thread=_MASKED_ELEMENTS_PER_THREAD if dropout.enabled else None,
+    )
+    tile = w.tile(tile, M, K, x.device, "BLOCK_K", "BLOCK_N", precision)
+    wrap_triton(kernel)[grid](
+        grad_y,
+        w.data,
+        w.absmax,
+        w.table,
+        dS,
+        lora_A,
+        dropout.seed,
+        dx,
+        M,
+        N,
+        K,
+        R,
+        _launch.size_class(M),
+        grad_y.stride(0),
+        grad_y.stride(1),
+        w.stride_n,
+        w.stride_k,
+        dS.stride(0),
+        dS.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+        dropout.threshold,
+        dropout.keep_scale,
+        DROPOUT=dropout.enabled,
+        QUAD_ALIGNED=quad_aligned(K),
+        **w.constexprs(),
+        LORA_PRECISION=_launch.dot_precision(x.dtype, dS.dtype, lora_A.dtype),
+        BASE_PRECISION=precision,
+        BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
+        **tile,
+    )
+    return dx
