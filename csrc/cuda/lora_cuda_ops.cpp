@@ -1,8 +1,8 @@
 // CUDA implementations of lora_kernels::lora_forward / lora_backward.
 //
-// Plan (DESIGN.md): cuBLAS through ATen for the large GEMMs, on the current
-// stream and accumulating in place; the custom kernels of this folder for the
-// skinny rank-r work with the fused dropout mask.
+// Plan (docs/architecture.md): cuBLAS through ATen for the large GEMMs, on the
+// current stream and accumulating in place; the custom kernels of this folder
+// for the skinny rank-r work with the fused dropout mask.
 //
 // forward:  y = x·W0ᵀ + b            cuBLAS (addmm, bias in the epilogue)
 //           S = x̃·Aᵀ                 shrink kernel, mask fused into the x loads
