@@ -239,7 +239,7 @@ void dy_pass_case(int64_t M, int64_t N, int64_t r, bool want_dS, bool want_dB, b
         expected[m * r + j] = sum;
         bound[m * r + j] = abs_sum;
       }
-    check(std::string("dy pass dS ") + suffix, got, expected, bound, 1e-5);
+    check(std::string("dy_pass dS ") + suffix, got, expected, bound, 1e-5);
   }
   if (want_dB) {
     const std::vector<double> got = sum_partials(dB, static_cast<size_t>(N * r), 1.0);
@@ -255,12 +255,12 @@ void dy_pass_case(int64_t M, int64_t N, int64_t r, bool want_dS, bool want_dB, b
         expected[n * r + j] = sum;
         bound[n * r + j] = abs_sum;
       }
-    check(std::string("dy pass dB ") + suffix, got, expected, bound, 1e-5);
+    check(std::string("dy_pass dB ") + suffix, got, expected, bound, 1e-5);
   }
 }
 
 template <typename Format>
-void grad_A_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int64_t splits) {
+void grad_a_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int64_t splits) {
   auto x = make_input<Format>(M, K, transposed);
   const std::vector<float> dS = randn(static_cast<size_t>(M * r), 0.5f);
   const Mask mask = make_mask(p);
@@ -275,7 +275,7 @@ void grad_A_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
     auto run = [&](auto dropout) {
       lk::emulation::launch(
           dim3(tc::ceil_div(K, tc::kGradACols), tc::ceil_div(r, kBR), used_splits),
-          dim3(tc::kThreads), tc::grad_A_kernel<Format, kBR, decltype(dropout)::value>,
+          dim3(tc::kThreads), tc::grad_a_kernel<Format, kBR, decltype(dropout)::value>,
           dS.data(), x.input(), out.data(), M, K, r, per_split, scale, &seed, mask.threshold);
     };
     if (p > 0) run(std::true_type{});
@@ -297,7 +297,7 @@ void grad_A_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
       bound[j * K + k] = abs_sum * mask.inv_keep();
     }
   char name[160];
-  std::snprintf(name, sizeof name, "dA %s M=%lld K=%lld r=%lld p=%g %s splits=%lld",
+  std::snprintf(name, sizeof name, "grad_a %s M=%lld K=%lld r=%lld p=%g %s splits=%lld",
                 std::is_same_v<Format, Bf16> ? "bf16" : "fp16", (long long)M, (long long)K,
                 (long long)r, p, transposed ? "strided" : "contiguous", (long long)used_splits);
   check(name, got, expected, bound, 1e-5);
@@ -344,7 +344,7 @@ void grad_x_case(int64_t M, int64_t K, int64_t r, double p) {
       bound[i] = ulp + 1e-5 * abs_sum * mask.inv_keep();
     }
   char name[160];
-  std::snprintf(name, sizeof name, "dx term %s adapters=%s M=%lld K=%lld r=%lld p=%g %s",
+  std::snprintf(name, sizeof name, "grad_x %s adapters=%s M=%lld K=%lld r=%lld p=%g %s",
                 std::is_same_v<Format, Bf16> ? "bf16" : "fp16",
                 std::is_same_v<AdapterT, float> ? "fp32" : "16-bit", (long long)M, (long long)K,
                 (long long)r, p, vectorized ? "vectorised" : "scalar");
@@ -367,10 +367,10 @@ void all_cases() {
 }
 
 template <typename Format>
-void grad_A_cases() {
-  grad_A_case<Format>(77, 72, 16, 0.3, false, 1);
-  grad_A_case<Format>(77, 130, 40, 0.0, false, 3);  // several column tiles, split-M
-  grad_A_case<Format>(77, 70, 3, 0.3, true, 2);     // K tail, strided x
+void grad_a_cases() {
+  grad_a_case<Format>(77, 72, 16, 0.3, false, 1);
+  grad_a_case<Format>(77, 130, 40, 0.0, false, 3);  // several column tiles, split-M
+  grad_a_case<Format>(77, 70, 3, 0.3, true, 2);     // K tail, strided x
 }
 
 }  // namespace
@@ -380,8 +380,8 @@ int main() {
   all_cases<Bf16, float>();
   all_cases<Fp16, uint16_t>();
   all_cases<Fp16, float>();
-  grad_A_cases<Bf16>();
-  grad_A_cases<Fp16>();
+  grad_a_cases<Bf16>();
+  grad_a_cases<Fp16>();
   if (failures) {
     std::printf("%d FAILED\n", failures);
     return 1;

@@ -1,6 +1,6 @@
 // grad_A = dSᵀ·x̃ (r×K), the dropout mask regenerated while x is loaded.
 //
-// fp16/bf16 inputs run tensor_core::grad_A_kernel; this file's SIMT kernel
+// fp16/bf16 inputs run tensor_core::grad_a_kernel; this file's SIMT kernel
 // serves fp32 and fp64 inputs, with the same split and reduction logic.
 // The reduction runs over M, usually the longest axis, so the grid splits M
 // (split-M) when the r x K tile grid alone would leave SMs idle. A block owns
@@ -22,11 +22,11 @@ constexpr int64_t kMinMTilesPerSplit = 4;
 
 template <typename scalar_t, typename acc_t, int BR, bool kDropout>
 __global__ void __launch_bounds__(kThreads)
-    grad_lora_A_kernel(const acc_t* __restrict__ dS,  // (M, r) contiguous
-                       const scalar_t* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k,
-                       acc_t* __restrict__ out,  // (splits, r, K) partials, or grad_A when 1 split
-                       int64_t M, int64_t K, int64_t r, int64_t m_tiles_per_split, acc_t scale,
-                       const int64_t* __restrict__ seed_ptr, uint32_t threshold) {
+    grad_a_kernel(const acc_t* __restrict__ dS,  // (M, r) contiguous
+                  const scalar_t* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k,
+                  acc_t* __restrict__ out,  // (splits, r, K) partials, or grad_A when 1 split
+                  int64_t M, int64_t K, int64_t r, int64_t m_tiles_per_split, acc_t scale,
+                  const int64_t* __restrict__ seed_ptr, uint32_t threshold) {
   constexpr int kRanksPerThread = BR / kLanesY;  // 1, 2 or 4
   constexpr int kColsPerThread = kBK / kLanesX;  // 4
   constexpr int kQuadsPerRow = kBK / 4;
@@ -97,8 +97,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The tensor-core path: the same split and reduction logic with its own tiles.
-void grad_lora_A_tensor_core(const at::Tensor& dS, const at::Tensor& x,
-                             const DropoutArgs& dropout, at::Tensor& grad_A) {
+void grad_a_tensor_core(const at::Tensor& dS, const at::Tensor& x, const DropoutArgs& dropout,
+                        at::Tensor& grad_A) {
   namespace tc = tensor_core;
   const int64_t M = x.size(0), K = x.size(1), r = grad_A.size(0);
   const int64_t k_tiles = ceil_div(K, tc::kGradACols);
@@ -117,7 +117,7 @@ void grad_lora_A_tensor_core(const at::Tensor& dS, const at::Tensor& x,
   dispatch_16bit_format(x.scalar_type(), [&](auto format) {
     dispatch_rank_tile(r, [&](auto br) {
       dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
-        tc::grad_A_kernel<decltype(format), decltype(br)::value, decltype(with_dropout)::value>
+        tc::grad_a_kernel<decltype(format), decltype(br)::value, decltype(with_dropout)::value>
             <<<grid, tc::kThreads, 0, stream>>>(
                 dS.const_data_ptr<float>(), tensor_core_input(x),
                 partials.mutable_data_ptr<float>(), M, K, r, m_per_split, epilogue_scale,
@@ -131,8 +131,8 @@ void grad_lora_A_tensor_core(const at::Tensor& dS, const at::Tensor& x,
 
 }  // namespace
 
-void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
-                 const std::optional<at::Tensor>& seed, at::Tensor& grad_A) {
+void grad_a(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
+            const std::optional<at::Tensor>& seed, at::Tensor& grad_A) {
   const int64_t M = x.size(0), K = x.size(1), r = grad_A.size(0);
   if (K == 0) return;
   if (M == 0) {
@@ -142,7 +142,7 @@ void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
   TORCH_CHECK(grad_A.is_contiguous(), "lora_kernels: grad_A must be contiguous");
   const at::Tensor dS_c = dS.contiguous();
   const DropoutArgs dropout = dropout_args(dropout_p, seed);
-  if (uses_tensor_cores(x)) return grad_lora_A_tensor_core(dS_c, x, dropout, grad_A);
+  if (uses_tensor_cores(x)) return grad_a_tensor_core(dS_c, x, dropout, grad_A);
   const int BR = rank_tile(r);
   const int64_t k_tiles = ceil_div(K, kBK);
   const int64_t r_tiles = ceil_div(r, BR);
@@ -166,7 +166,7 @@ void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
     using acc_t = decltype(acc_tag);
     dispatch_rank_tile(r, [&](auto br) {
       dispatch_bool(dropout_p > 0.0, [&](auto with_dropout) {
-        grad_lora_A_kernel<scalar_t, acc_t, decltype(br)::value, decltype(with_dropout)::value>
+        grad_a_kernel<scalar_t, acc_t, decltype(br)::value, decltype(with_dropout)::value>
             <<<grid, kThreads, 0, stream>>>(
                 dS_c.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), x.stride(0),
                 x.stride(1), partials.mutable_data_ptr<acc_t>(), M, K, r, m_per_split,
