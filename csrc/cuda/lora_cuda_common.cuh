@@ -1,5 +1,6 @@
 // Shared by the CUDA kernels of the `cuda` backend: thread layout, the fused
-// dropout keep-mask, tile-size and dtype dispatch, and split heuristics.
+// dropout keep-mask, dtype dispatch, and split heuristics (the rank-tile
+// dispatch is ATen-free, in device_types.cuh).
 //
 // Every kernel runs 256 threads viewed as a 16 x 16 grid of lanes:
 //   lane_x = threadIdx.x % 16   walks the rank (or column) axis of a tile,
@@ -180,28 +181,6 @@ template <typename scalar_t, typename acc_t, typename F>
 void dispatch_adapter_dtype(const at::Tensor& adapter, F&& f) {
   if (adapter.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) return f(scalar_t{});
   return f(acc_t{});
-}
-
-// Rank tile of a kernel: the smallest of 16, 32, 64 holding r (64 beyond,
-// with r split over several tiles).
-inline int rank_tile(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : 64; }
-
-template <typename F>
-void dispatch_rank_tile(int64_t r, F&& f) {
-  switch (rank_tile(r)) {
-    case 16:
-      return f(std::integral_constant<int, 16>{});
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    default:
-      return f(std::integral_constant<int, 64>{});
-  }
-}
-
-template <typename F>
-void dispatch_bool(bool value, F&& f) {
-  if (value) return f(std::true_type{});
-  return f(std::false_type{});
 }
 
 inline void check_grid_yz(int64_t extent, const char* what) {

@@ -132,20 +132,6 @@ void check(const std::string& name, const std::vector<double>& got,
   }
 }
 
-int rank_tile(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : 64; }
-
-template <typename F>
-void dispatch_rank(int64_t r, F&& f) {
-  switch (rank_tile(r)) {
-    case 16:
-      return f(std::integral_constant<int, 16>{});
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    default:
-      return f(std::integral_constant<int, 64>{});
-  }
-}
-
 // Σ over the leading (split) axis of partials of `numel` elements.
 std::vector<double> sum_partials(const std::vector<float>& partials, size_t numel, double scale) {
   std::vector<double> out(numel, 0.0);
@@ -168,16 +154,14 @@ void shrink_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
   std::vector<float> out(static_cast<size_t>(used_splits * M * r), -1.0f);
   const int64_t seed = static_cast<int64_t>(mask.seed);
   const float scale = used_splits == 1 ? static_cast<float>(mask.inv_keep()) : 1.0f;
-  dispatch_rank(r, [&](auto br) {
+  lk::cuda::dispatch_rank_tile(r, [&](auto br) {
     constexpr int kBR = decltype(br)::value;
-    auto run = [&](auto dropout) {
+    lk::cuda::dispatch_bool(p > 0, [&](auto dropout) {
       lk::emulation::launch(
           dim3(tc::ceil_div(M, tc::kShrinkRows), tc::ceil_div(r, kBR), used_splits),
           dim3(tc::kThreads), tc::shrink_kernel<Format, AdapterT, kBR, decltype(dropout)::value>,
           x.input(), A.data.data(), out.data(), M, K, r, per_split, scale, &seed, mask.threshold);
-    };
-    if (p > 0) run(std::true_type{});
-    else run(std::false_type{});
+    });
   });
   const std::vector<double> got =
       sum_partials(out, static_cast<size_t>(M * r), used_splits == 1 ? 1.0 : mask.inv_keep());
@@ -212,7 +196,7 @@ void dy_pass_case(int64_t M, int64_t N, int64_t r, bool want_dS, bool want_dB, b
   const int64_t n_chunks = tc::ceil_div(tc::ceil_div(N, tc::kDyCols), n_per_chunk);
   std::vector<float> dS(static_cast<size_t>(n_chunks * M * r), -1.0f);
   std::vector<float> dB(static_cast<size_t>(m_chunks * N * r), -1.0f);
-  dispatch_rank(r, [&](auto br) {
+  lk::cuda::dispatch_rank_tile(r, [&](auto br) {
     constexpr int kBR = decltype(br)::value;
     lk::emulation::launch(dim3(m_chunks, n_chunks, tc::ceil_div(r, kBR)), dim3(tc::kThreads),
                           tc::dy_pass_kernel<Format, AdapterT, kBR>, dy.input(), B.data.data(),
@@ -270,16 +254,14 @@ void grad_a_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
   std::vector<float> out(static_cast<size_t>(used_splits * r * K), -1.0f);
   const int64_t seed = static_cast<int64_t>(mask.seed);
   const float scale = used_splits == 1 ? static_cast<float>(mask.inv_keep()) : 1.0f;
-  dispatch_rank(r, [&](auto br) {
+  lk::cuda::dispatch_rank_tile(r, [&](auto br) {
     constexpr int kBR = decltype(br)::value;
-    auto run = [&](auto dropout) {
+    lk::cuda::dispatch_bool(p > 0, [&](auto dropout) {
       lk::emulation::launch(
           dim3(tc::ceil_div(K, tc::kGradACols), tc::ceil_div(r, kBR), used_splits),
           dim3(tc::kThreads), tc::grad_a_kernel<Format, kBR, decltype(dropout)::value>,
           dS.data(), x.input(), out.data(), M, K, r, per_split, scale, &seed, mask.threshold);
-    };
-    if (p > 0) run(std::true_type{});
-    else run(std::false_type{});
+    });
   });
   const std::vector<double> got =
       sum_partials(out, static_cast<size_t>(r * K), used_splits == 1 ? 1.0 : mask.inv_keep());
@@ -312,15 +294,13 @@ void grad_x_case(int64_t M, int64_t K, int64_t r, double p) {
   const Mask mask = make_mask(p);
   const int64_t seed = static_cast<int64_t>(mask.seed);
   const bool vectorized = K % 8 == 0 && reinterpret_cast<uintptr_t>(grad_x.data()) % 16 == 0;
-  auto run = [&](auto dropout) {
+  lk::cuda::dispatch_bool(p > 0, [&](auto dropout) {
     lk::emulation::launch(
         dim3(tc::ceil_div(M, tc::kGradXRows), tc::ceil_div(K, tc::kGradXCols)),
         dim3(tc::kThreads), tc::add_grad_x_kernel<Format, AdapterT, decltype(dropout)::value>,
         dS.data(), A.data.data(), grad_x.data(), vectorized, M, K, r,
         static_cast<float>(mask.inv_keep()), &seed, mask.threshold);
-  };
-  if (p > 0) run(std::true_type{});
-  else run(std::false_type{});
+  });
   // Expected: the 16-bit rounding of (value before + term); the term's fp32
   // accumulation error may move a result across a rounding boundary, so the
   // bound is one unit in the last place of the result plus that error.
