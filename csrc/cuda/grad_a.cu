@@ -101,32 +101,23 @@ void grad_a_tensor_core(const at::Tensor& dS, const at::Tensor& x, const Dropout
                         at::Tensor& grad_A) {
   namespace tc = tensor_core;
   const int64_t M = x.size(0), K = x.size(1), r = grad_A.size(0);
-  const int64_t k_tiles = ceil_div(K, tc::kGradACols);
-  const int64_t r_tiles = ceil_div(r, rank_tile(r));
-  const int64_t m_tiles = ceil_div(M, tc::kGradARows);
-  const int64_t m_per_split = tiles_per_chunk(m_tiles, k_tiles * r_tiles, kMinMTilesPerSplit);
-  const int64_t splits = ceil_div(m_tiles, m_per_split);
-  check_grid_yz(r_tiles, "the rank tiles of grad_A");
-  check_grid_yz(splits, "the M splits of grad_A");
-  const bool direct = splits == 1 && grad_A.scalar_type() == at::kFloat;
-  at::Tensor partials = direct ? grad_A : at::empty({splits, r, K}, dS.options());
-  const float epilogue_scale = direct ? static_cast<float>(dropout.inv_keep) : 1.0f;
-  const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(r_tiles),
-                  static_cast<unsigned>(splits));
+  const SplitPlan plan = plan_split(ceil_div(K, tc::kGradACols), r, ceil_div(M, tc::kGradARows),
+                                    kMinMTilesPerSplit, "grad_A", "M");
+  const SplitOutput out(grad_A, plan.splits, dS.scalar_type(), dropout.inv_keep);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_16bit_format(x.scalar_type(), [&](auto format) {
     dispatch_rank_tile(r, [&](auto br) {
       dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
         tc::grad_a_kernel<decltype(format), decltype(br)::value, decltype(with_dropout)::value>
-            <<<grid, tc::kThreads, 0, stream>>>(
-                dS.const_data_ptr<float>(), tensor_core_input(x),
-                partials.mutable_data_ptr<float>(), M, K, r, m_per_split, epilogue_scale,
-                dropout.seed, dropout.threshold);
+            <<<plan.grid, tc::kThreads, 0, stream>>>(
+                dS.const_data_ptr<float>(), tensor_core_input(x), out.data<float>(), M, K, r,
+                plan.per_split, static_cast<float>(out.epilogue_scale()), dropout.seed,
+                dropout.threshold);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
-  if (!direct) reduce_partials(partials, dropout.inv_keep, grad_A);
+  out.finish();
 }
 
 }  // namespace
@@ -143,22 +134,11 @@ void grad_a(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
   const at::Tensor dS_c = dS.contiguous();
   const DropoutArgs dropout = dropout_args(dropout_p, seed);
   if (uses_tensor_cores(x)) return grad_a_tensor_core(dS_c, x, dropout, grad_A);
-  const int BR = rank_tile(r);
-  const int64_t k_tiles = ceil_div(K, kBK);
-  const int64_t r_tiles = ceil_div(r, BR);
-  const int64_t m_tiles = ceil_div(M, kBM);
-  const int64_t m_per_split = tiles_per_chunk(m_tiles, k_tiles * r_tiles, kMinMTilesPerSplit);
-  const int64_t splits = ceil_div(m_tiles, m_per_split);
-  check_grid_yz(r_tiles, "the rank tiles of grad_A");
-  check_grid_yz(splits, "the M splits of grad_A");
-
+  const SplitPlan plan = plan_split(ceil_div(K, kBK), r, ceil_div(M, kBM), kMinMTilesPerSplit,
+                                    "grad_A", "M");
   // A single split in the accumulate dtype writes grad_A directly, scaled;
   // otherwise partials go through the ordered reduction, which also casts.
-  const bool direct = splits == 1 && grad_A.scalar_type() == dS.scalar_type();
-  at::Tensor partials = direct ? grad_A : at::empty({splits, r, K}, dS.options());
-  const double epilogue_scale = direct ? dropout.inv_keep : 1.0;
-  const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(r_tiles),
-                  static_cast<unsigned>(splits));
+  const SplitOutput out(grad_A, plan.splits, dS.scalar_type(), dropout.inv_keep);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   dispatch_exact_input_dtype(x.scalar_type(), "x", [&](auto x_tag, auto acc_tag) {
@@ -167,15 +147,15 @@ void grad_a(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
     dispatch_rank_tile(r, [&](auto br) {
       dispatch_bool(dropout_p > 0.0, [&](auto with_dropout) {
         grad_a_kernel<scalar_t, acc_t, decltype(br)::value, decltype(with_dropout)::value>
-            <<<grid, kThreads, 0, stream>>>(
+            <<<plan.grid, kThreads, 0, stream>>>(
                 dS_c.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), x.stride(0),
-                x.stride(1), partials.mutable_data_ptr<acc_t>(), M, K, r, m_per_split,
-                static_cast<acc_t>(epilogue_scale), dropout.seed, dropout.threshold);
+                x.stride(1), out.data<acc_t>(), M, K, r, plan.per_split,
+                static_cast<acc_t>(out.epilogue_scale()), dropout.seed, dropout.threshold);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
-  if (!direct) reduce_partials(partials, dropout.inv_keep, grad_A);
+  out.finish();
 }
 
 }  // namespace lora_kernels::cuda

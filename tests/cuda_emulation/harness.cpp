@@ -141,6 +141,28 @@ std::vector<double> sum_partials(const std::vector<float>& partials, size_t nume
   return out;
 }
 
+// The output of a kernel that splits its reduced axis of `tiles` tiles: about
+// `wanted` splits, as many used as leave none empty (as the launchers cut
+// them). One split writes the output scaled by `scale` in the kernel's
+// epilogue; several write unscaled partials, scaled when summed.
+struct SplitRun {
+  int64_t per_split, splits;
+  float epilogue_scale;
+  double reduce_scale;
+  std::vector<float> out;
+
+  SplitRun(int64_t tiles, int64_t wanted, size_t numel, double scale)
+      : per_split(tc::ceil_div(tiles, wanted)),
+        splits(tc::ceil_div(tiles, per_split)),
+        epilogue_scale(splits == 1 ? static_cast<float>(scale) : 1.0f),
+        reduce_scale(splits == 1 ? 1.0 : scale),
+        out(static_cast<size_t>(splits) * numel, -1.0f) {}
+
+  std::vector<double> result() const {
+    return sum_partials(out, out.size() / static_cast<size_t>(splits), reduce_scale);
+  }
+};
+
 // ---------------------------------------------------------------------------
 
 template <typename Format, typename AdapterT>
@@ -148,23 +170,20 @@ void shrink_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
   auto x = make_input<Format>(M, K, transposed);
   auto A = make_operand<Format, AdapterT>(static_cast<size_t>(r * K), 0.1f);
   const Mask mask = make_mask(p);
-  const int64_t k_tiles = tc::ceil_div(K, tc::kShrinkK);
-  const int64_t per_split = tc::ceil_div(k_tiles, splits);
-  const int64_t used_splits = tc::ceil_div(k_tiles, per_split);
-  std::vector<float> out(static_cast<size_t>(used_splits * M * r), -1.0f);
+  SplitRun split(tc::ceil_div(K, tc::kShrinkK), splits, static_cast<size_t>(M * r),
+                    mask.inv_keep());
   const int64_t seed = static_cast<int64_t>(mask.seed);
-  const float scale = used_splits == 1 ? static_cast<float>(mask.inv_keep()) : 1.0f;
   lk::cuda::dispatch_rank_tile(r, [&](auto br) {
     constexpr int kBR = decltype(br)::value;
     lk::cuda::dispatch_bool(p > 0, [&](auto dropout) {
       lk::emulation::launch(
-          dim3(tc::ceil_div(M, tc::kShrinkRows), tc::ceil_div(r, kBR), used_splits),
+          dim3(tc::ceil_div(M, tc::kShrinkRows), tc::ceil_div(r, kBR), split.splits),
           dim3(tc::kThreads), tc::shrink_kernel<Format, AdapterT, kBR, decltype(dropout)::value>,
-          x.input(), A.data.data(), out.data(), M, K, r, per_split, scale, &seed, mask.threshold);
+          x.input(), A.data.data(), split.out.data(), M, K, r, split.per_split,
+          split.epilogue_scale, &seed, mask.threshold);
     });
   });
-  const std::vector<double> got =
-      sum_partials(out, static_cast<size_t>(M * r), used_splits == 1 ? 1.0 : mask.inv_keep());
+  const std::vector<double> got = split.result();
   std::vector<double> expected(got.size()), bound(got.size());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < r; ++j) {
@@ -182,7 +201,7 @@ void shrink_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
   std::snprintf(name, sizeof name, "shrink %s adapters=%s M=%lld K=%lld r=%lld p=%g %s splits=%lld",
                 std::is_same_v<Format, Bf16> ? "bf16" : "fp16",
                 std::is_same_v<AdapterT, float> ? "fp32" : "16-bit", (long long)M, (long long)K,
-                (long long)r, p, transposed ? "strided" : "contiguous", (long long)used_splits);
+                (long long)r, p, transposed ? "strided" : "contiguous", (long long)split.splits);
   check(name, got, expected, bound, 1e-5);
 }
 
@@ -248,23 +267,20 @@ void grad_a_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
   auto x = make_input<Format>(M, K, transposed);
   const std::vector<float> dS = randn(static_cast<size_t>(M * r), 0.5f);
   const Mask mask = make_mask(p);
-  const int64_t m_tiles = tc::ceil_div(M, tc::kGradARows);
-  const int64_t per_split = tc::ceil_div(m_tiles, splits);
-  const int64_t used_splits = tc::ceil_div(m_tiles, per_split);
-  std::vector<float> out(static_cast<size_t>(used_splits * r * K), -1.0f);
+  SplitRun split(tc::ceil_div(M, tc::kGradARows), splits, static_cast<size_t>(r * K),
+                    mask.inv_keep());
   const int64_t seed = static_cast<int64_t>(mask.seed);
-  const float scale = used_splits == 1 ? static_cast<float>(mask.inv_keep()) : 1.0f;
   lk::cuda::dispatch_rank_tile(r, [&](auto br) {
     constexpr int kBR = decltype(br)::value;
     lk::cuda::dispatch_bool(p > 0, [&](auto dropout) {
       lk::emulation::launch(
-          dim3(tc::ceil_div(K, tc::kGradACols), tc::ceil_div(r, kBR), used_splits),
+          dim3(tc::ceil_div(K, tc::kGradACols), tc::ceil_div(r, kBR), split.splits),
           dim3(tc::kThreads), tc::grad_a_kernel<Format, kBR, decltype(dropout)::value>,
-          dS.data(), x.input(), out.data(), M, K, r, per_split, scale, &seed, mask.threshold);
+          dS.data(), x.input(), split.out.data(), M, K, r, split.per_split,
+          split.epilogue_scale, &seed, mask.threshold);
     });
   });
-  const std::vector<double> got =
-      sum_partials(out, static_cast<size_t>(r * K), used_splits == 1 ? 1.0 : mask.inv_keep());
+  const std::vector<double> got = split.result();
   std::vector<double> expected(got.size()), bound(got.size());
   for (int64_t j = 0; j < r; ++j)
     for (int64_t k = 0; k < K; ++k) {
@@ -281,7 +297,7 @@ void grad_a_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
   char name[160];
   std::snprintf(name, sizeof name, "grad_a %s M=%lld K=%lld r=%lld p=%g %s splits=%lld",
                 std::is_same_v<Format, Bf16> ? "bf16" : "fp16", (long long)M, (long long)K,
-                (long long)r, p, transposed ? "strided" : "contiguous", (long long)used_splits);
+                (long long)r, p, transposed ? "strided" : "contiguous", (long long)split.splits);
   check(name, got, expected, bound, 1e-5);
 }
 
