@@ -15,7 +15,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/library.h>
 
 #include <array>
 #include <optional>
@@ -23,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/lora_cpu_kernels.h"
 #include "cpu/row_blocks.h"
 #include "lora_checks.h"
 
@@ -134,6 +134,8 @@ at::Tensor masked_lora_pass(const at::Tensor& x, const at::Tensor& dS, const at:
   return need_dA ? dA.total() : at::Tensor();
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in,
     const at::Tensor& lora_A_in, const at::Tensor& lora_B_in, const at::Tensor& S_in,
@@ -206,10 +208,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace lora_kernels
-
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
-  m.impl("lora_backward", &lora_kernels::cpu::lora_backward_cpu);
-}

@@ -12,12 +12,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "cpu/lora_cpu_kernels.h"
 #include "cpu/row_blocks.h"
 #include "lora_checks.h"
 
@@ -75,6 +75,8 @@ void seed_lora_term(const at::Tensor& S, const at::Tensor& lora_B, const at::Ten
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
@@ -111,10 +113,5 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(
   return {y, S};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace lora_kernels
-
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
-  m.impl("lora_forward", &lora_kernels::cpu::lora_forward_cpu);
-}

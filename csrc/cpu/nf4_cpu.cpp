@@ -12,10 +12,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
-#include <torch/library.h>
 
 #include <optional>
 
+#include "cpu/lora_cpu_kernels.h"
 #include "cpu/row_blocks.h"
 #include "nf4_checks.h"
 
@@ -37,6 +37,8 @@ void decode_range(const uint8_t* packed, const float* absmax, int blocksize_log2
     out[i - begin] = static_cast<out_t>(static_cast<scalar_t>(value));
   }
 }
+
+}  // namespace
 
 at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               int64_t rows, int64_t cols, at::ScalarType dtype) {
@@ -86,11 +88,5 @@ at::Tensor nf4_linear_small_m_cpu(const at::Tensor& x, const at::Tensor& packed,
   return y_t.t().to(x.scalar_type()).contiguous();
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace lora_kernels
-
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
-  m.impl("nf4_dequantize", &lora_kernels::cpu::nf4_dequantize_cpu);
-  m.impl("nf4_linear_small_m", &lora_kernels::cpu::nf4_linear_small_m_cpu);
-}

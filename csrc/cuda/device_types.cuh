@@ -1,8 +1,10 @@
-// Device building blocks of the tensor-core kernels that need no ATen: 16-bit
-// storage formats and their conversions, 16-byte vector accesses, and the
-// dropout keep bits. Free of ATen so that the kernels also compile as host C++
-// under the CPU emulation harness (tests/cuda_emulation), which defines
-// LORA_CUDA_EMULATION and supplies host versions of the CUDA built-ins used here.
+// Building blocks of the tensor-core kernels that need no ATen: 16-bit
+// storage formats and their conversions, 16-byte vector accesses, the dropout
+// keep bits, and the host-side dispatch that picks a kernel's instantiation
+// (rank tile, flags). Free of ATen so that the kernels also compile as host
+// C++ under the CPU emulation harness (tests/cuda_emulation), which defines
+// LORA_CUDA_EMULATION and supplies host versions of the CUDA built-ins used
+// here; the harness launches them through the same dispatch.
 #pragma once
 
 #include <cstdint>
@@ -114,6 +116,32 @@ LORA_DEVICE uint32_t keep_bits4(uint64_t seed, int64_t base, uint32_t threshold)
     bits |= static_cast<uint32_t>(u >= threshold) << c;
   }
   return bits;
+}
+
+// ---------------------------------------------------------------------------
+// Instantiation dispatch (host side; the launchers and the emulation harness)
+// ---------------------------------------------------------------------------
+
+// Rank tile of a kernel: the smallest of 16, 32, 64 holding r (64 beyond,
+// with r split over several tiles).
+inline int rank_tile(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : 64; }
+
+template <typename F>
+void dispatch_rank_tile(int64_t r, F&& f) {
+  switch (rank_tile(r)) {
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    default:
+      return f(std::integral_constant<int, 64>{});
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) return f(std::true_type{});
+  return f(std::false_type{});
 }
 
 }  // namespace lora_kernels::cuda

@@ -200,10 +200,13 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
   check_grid_yz(n_chunks, "the N chunks of the dy pass");
   check_grid_yz(r_tiles, "the rank tiles of the dy pass");
 
-  const at::TensorOptions acc_options = S.options();
-  at::Tensor dS_partials, dB_partials;
-  if (dS != nullptr) dS_partials = at::empty({n_chunks, M, r}, acc_options);
-  if (grad_B != nullptr) dB_partials = at::empty({m_chunks, N, r}, acc_options);
+  // The kernel adds into its chunk's partial across tiles and never scales,
+  // so both outputs go through partials, reduced and scaled by s.
+  constexpr bool kWriteDirectly = false;
+  const at::ScalarType acc = S.scalar_type();
+  std::optional<SplitOutput> dS_out, dB_out;
+  if (dS != nullptr) dS_out.emplace(*dS, n_chunks, acc, scaling, kWriteDirectly);
+  if (grad_B != nullptr) dB_out.emplace(*grad_B, m_chunks, acc, scaling, kWriteDirectly);
   const dim3 grid(static_cast<unsigned>(m_chunks), static_cast<unsigned>(n_chunks),
                   static_cast<unsigned>(r_tiles));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -212,8 +215,8 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
   dispatch_input_dtype(grad_y.scalar_type(), "grad_y", [&](auto dy_tag, auto acc_tag) {
     using scalar_t = decltype(dy_tag);
     using acc_t = decltype(acc_tag);
-    acc_t* dS_out = dS != nullptr ? dS_partials.mutable_data_ptr<acc_t>() : nullptr;
-    acc_t* dB_out = grad_B != nullptr ? dB_partials.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* dS_partials = dS_out ? dS_out->data<acc_t>() : nullptr;
+    acc_t* dB_partials = dB_out ? dB_out->data<acc_t>() : nullptr;
     if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
       using Format = std::conditional_t<std::is_same_v<scalar_t, at::Half>, Fp16, Bf16>;
       dispatch_adapter_storage(B, [&](auto adapter) {
@@ -222,8 +225,8 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
           tensor_core::dy_pass_kernel<Format, AdapterT, decltype(br)::value>
               <<<grid, tensor_core::kThreads, 0, stream>>>(
                   tensor_core_input(grad_y), adapter_data<AdapterT>(B),
-                  S_c.const_data_ptr<float>(), M, N, r, m_per_chunk, n_per_chunk, dS_out,
-                  dB_out);
+                  S_c.const_data_ptr<float>(), M, N, r, m_per_chunk, n_per_chunk, dS_partials,
+                  dB_partials);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -235,14 +238,14 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
               <<<grid, kThreads, 0, stream>>>(
                   grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0), grad_y.stride(1),
                   B.const_data_ptr<b_t>(), S_c.const_data_ptr<acc_t>(), M, N, r, m_per_chunk,
-                  n_per_chunk, dS_out, dB_out);
+                  n_per_chunk, dS_partials, dB_partials);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
     }
   });
-  if (dS != nullptr) reduce_partials(dS_partials, scaling, *dS);
-  if (grad_B != nullptr) reduce_partials(dB_partials, scaling, *grad_B);
+  if (dS_out) dS_out->finish();
+  if (dB_out) dB_out->finish();
 }
 
 }  // namespace lora_kernels::cuda

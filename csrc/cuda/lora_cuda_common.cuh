@@ -1,5 +1,6 @@
 // Shared by the CUDA kernels of the `cuda` backend: thread layout, the fused
-// dropout keep-mask, tile-size and dtype dispatch, and split heuristics.
+// dropout keep-mask, dtype dispatch, and the plans of split reductions (the
+// rank-tile dispatch is ATen-free, in device_types.cuh).
 //
 // Every kernel runs 256 threads viewed as a 16 x 16 grid of lanes:
 //   lane_x = threadIdx.x % 16   walks the rank (or column) axis of a tile,
@@ -20,7 +21,9 @@
 #include <cstdint>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
+#include "lora_cuda_kernels.h"
 #include "tensor_core_kernels.cuh"
 
 namespace lora_kernels::cuda {
@@ -182,31 +185,79 @@ void dispatch_adapter_dtype(const at::Tensor& adapter, F&& f) {
   return f(acc_t{});
 }
 
-// Rank tile of a kernel: the smallest of 16, 32, 64 holding r (64 beyond,
-// with r split over several tiles).
-inline int rank_tile(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : 64; }
-
-template <typename F>
-void dispatch_rank_tile(int64_t r, F&& f) {
-  switch (rank_tile(r)) {
-    case 16:
-      return f(std::integral_constant<int, 16>{});
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    default:
-      return f(std::integral_constant<int, 64>{});
-  }
-}
-
-template <typename F>
-void dispatch_bool(bool value, F&& f) {
-  if (value) return f(std::true_type{});
-  return f(std::false_type{});
-}
-
-inline void check_grid_yz(int64_t extent, const char* what) {
-  TORCH_CHECK(extent <= kMaxGridYZ, "lora_kernels: ", what, " needs ", extent,
+// `what...` names the extent in the error message.
+template <typename... What>
+void check_grid_yz(int64_t extent, const What&... what) {
+  TORCH_CHECK(extent <= kMaxGridYZ, "lora_kernels: ", what..., " needs ", extent,
               " blocks along a grid axis limited to ", kMaxGridYZ);
 }
+
+// ---------------------------------------------------------------------------
+// Split reductions
+// ---------------------------------------------------------------------------
+
+// The grid of a kernel that reduces over one long axis (K of the shrink, M of
+// grad_a): output tiles along x, rank tiles along y, and the reduced axis
+// split along z into `splits` ranges of `per_split` tiles when the output
+// tiles alone would leave SMs idle. No range is empty.
+struct SplitPlan {
+  dim3 grid;
+  int64_t per_split;
+  int64_t splits;
+};
+
+// `kernel` and `axis` name the kernel and its reduced axis in the grid-limit
+// errors ("the K splits of the shrink"); each split spans at least
+// `min_per_split` of the `reduce_tiles` tiles.
+inline SplitPlan plan_split(int64_t out_tiles, int64_t r, int64_t reduce_tiles,
+                            int64_t min_per_split, const char* kernel, const char* axis) {
+  const int64_t r_tiles = ceil_div(r, rank_tile(r));
+  const int64_t per_split = tiles_per_chunk(reduce_tiles, out_tiles * r_tiles, min_per_split);
+  const int64_t splits = ceil_div(reduce_tiles, per_split);
+  check_grid_yz(r_tiles, "the rank tiles of ", kernel);
+  check_grid_yz(splits, "the ", axis, " splits of ", kernel);
+  const dim3 grid(static_cast<unsigned>(out_tiles), static_cast<unsigned>(r_tiles),
+                  static_cast<unsigned>(splits));
+  return {grid, per_split, splits};
+}
+
+// Where the blocks of a split reduction write out = scale · Σ_splits. Direct
+// (one split, `out` in the accumulate dtype, and the kernel able to scale):
+// into `out` itself, the kernel applying the scale in its epilogue. Otherwise
+// into fresh partials (splits, *out.shape) in the accumulate dtype, unscaled,
+// which finish() sums in a fixed order, scales and casts into `out`.
+class SplitOutput {
+ public:
+  SplitOutput(at::Tensor& out, int64_t splits, at::ScalarType acc, double scale,
+              bool may_write_directly = true)
+      : out_(&out),
+        scale_(scale),
+        direct_(may_write_directly && splits == 1 && out.scalar_type() == acc) {
+    if (direct_) {
+      partials_ = out;
+    } else {
+      std::vector<int64_t> sizes{splits};
+      sizes.insert(sizes.end(), out.sizes().begin(), out.sizes().end());
+      partials_ = at::empty(sizes, out.options().dtype(acc));
+    }
+  }
+
+  // What the kernel writes to: `out` or the partials.
+  template <typename T>
+  T* data() const {
+    return partials_.mutable_data_ptr<T>();
+  }
+  // The factor the kernel applies to its sums.
+  double epilogue_scale() const { return direct_ ? scale_ : 1.0; }
+  void finish() const {
+    if (!direct_) reduce_partials(partials_, scale_, *out_);
+  }
+
+ private:
+  at::Tensor* out_;
+  at::Tensor partials_;
+  double scale_;
+  bool direct_;
+};
 
 }  // namespace lora_kernels::cuda

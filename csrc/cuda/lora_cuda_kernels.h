@@ -1,8 +1,9 @@
-// Host entry points of the CUDA kernel families (one .cu file each), called
-// by the operator implementations in lora_cuda_ops.cpp. All of them launch on
-// the current stream of the current device (the callers hold a CUDAGuard),
-// take tensors already validated by lora_checks.h, assume M, K, N >= 1 unless
-// stated, and never synchronise with the host.
+// Host entry points of the CUDA kernel families, one .cu file each (shrink,
+// dy_pass, grad_x, grad_a, reduce_partials, nf4), called by the operator
+// implementations in lora_cuda_ops.cpp. All of them launch on the current
+// stream of the current device (the callers hold a CUDAGuard), take tensors
+// already validated by lora_checks.h, assume M, K, N >= 1 unless stated, and
+// never synchronise with the host.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,13 +27,13 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
 // grad_x += D ⊙ (dS·A) / (1 − p) in place, the mask regenerated from `seed`.
 // grad_x: (M, K) contiguous in x's dtype, already holding dy·W0; dS: (M, r)
 // contiguous; lora_A: (r, K). K may be 0.
-void add_lora_grad_x(const at::Tensor& dS, const at::Tensor& lora_A, double dropout_p,
-                     const std::optional<at::Tensor>& seed, at::Tensor& grad_x);
+void add_grad_x(const at::Tensor& dS, const at::Tensor& lora_A, double dropout_p,
+                const std::optional<at::Tensor>& seed, at::Tensor& grad_x);
 
 // grad_A = dSᵀ·x̃, the mask regenerated from `seed`. dS: (M, r) contiguous;
 // x: (M, K), any strides; grad_A: (r, K) contiguous in lora_A's dtype. K may be 0.
-void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
-                 const std::optional<at::Tensor>& seed, at::Tensor& grad_A);
+void grad_a(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
+            const std::optional<at::Tensor>& seed, at::Tensor& grad_A);
 
 // out = scale · Σ_c partials[c] over the leading axis, in a fixed order (so
 // the result is deterministic), cast to out's dtype. partials: (C, *out.shape)

@@ -1,8 +1,8 @@
 // CUDA implementations of lora_kernels::lora_forward / lora_backward.
 //
-// Plan (DESIGN.md): cuBLAS through ATen for the large GEMMs, on the current
-// stream and accumulating in place; the custom kernels of this folder for the
-// skinny rank-r work with the fused dropout mask.
+// Plan (docs/architecture.md): cuBLAS through ATen for the large GEMMs, on the
+// current stream and accumulating in place; the custom kernels of this folder
+// for the skinny rank-r work with the fused dropout mask.
 //
 // forward:  y = x·W0ᵀ + b            cuBLAS (addmm, bias in the epilogue)
 //           S = x̃·Aᵀ                 shrink kernel, mask fused into the x loads
@@ -10,9 +10,9 @@
 //                                    A custom expand kernel would read and write
 //                                    y exactly as addmm_ does; which is faster
 //                                    is for the benchmark to settle.
-// backward: dS, dB                   one kernel reading dy once
-//           grad_x = dy·W0           cuBLAS, then += D⊙(dS·A)/(1−p) in place
-//           grad_A = dSᵀ·x̃           split-M kernel, mask regenerated
+// backward: dS, dB                   one kernel reading dy once (dy_pass)
+//           grad_x = dy·W0           cuBLAS, then += D⊙(dS·A)/(1−p) in place (grad_x)
+//           grad_A = dSᵀ·x̃           split-M kernel, mask regenerated (grad_a)
 //           grad_W0 = dyᵀ·x, grad_b  ATen, only when asked
 // Nothing synchronises with the host: the seed is read by the kernels.
 //
@@ -96,9 +96,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   dy_pass(grad_y, lora_B, S, scaling, need_dS ? &dS : nullptr, need.lora_B ? &grad_B : nullptr);
   if (need.x) {
     grad_x = at::mm(grad_y, weight);
-    add_lora_grad_x(dS, lora_A, dropout_p, seed, grad_x);
+    add_grad_x(dS, lora_A, dropout_p, seed, grad_x);
   }
-  if (need.lora_A) grad_lora_A(dS, x, dropout_p, seed, grad_A);
+  if (need.lora_A) grad_a(dS, x, dropout_p, seed, grad_A);
   return {grad_x, grad_W, grad_b, grad_A, grad_B};
 }
 

@@ -110,17 +110,9 @@ void shrink_tensor_core(const at::Tensor& x, const at::Tensor& A, const DropoutA
                         at::Tensor& S) {
   namespace tc = tensor_core;
   const int64_t M = x.size(0), K = x.size(1), r = A.size(0);
-  const int64_t m_tiles = ceil_div(M, tc::kShrinkRows);
-  const int64_t r_tiles = ceil_div(r, rank_tile(r));
-  const int64_t k_tiles = ceil_div(K, tc::kShrinkK);
-  const int64_t k_per_split = tiles_per_chunk(k_tiles, m_tiles * r_tiles, kMinKTilesPerSplit);
-  const int64_t splits = ceil_div(k_tiles, k_per_split);
-  check_grid_yz(r_tiles, "the rank tiles of the shrink");
-  check_grid_yz(splits, "the K splits of the shrink");
-  at::Tensor partials = splits == 1 ? S : at::empty({splits, M, r}, S.options());
-  const float epilogue_scale = splits == 1 ? static_cast<float>(dropout.inv_keep) : 1.0f;
-  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(r_tiles),
-                  static_cast<unsigned>(splits));
+  const SplitPlan plan = plan_split(ceil_div(M, tc::kShrinkRows), r, ceil_div(K, tc::kShrinkK),
+                                    kMinKTilesPerSplit, "the shrink", "K");
+  const SplitOutput out(S, plan.splits, S.scalar_type(), dropout.inv_keep);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_16bit_format(x.scalar_type(), [&](auto format) {
     dispatch_adapter_storage(A, [&](auto adapter) {
@@ -128,15 +120,16 @@ void shrink_tensor_core(const at::Tensor& x, const at::Tensor& A, const DropoutA
       dispatch_rank_tile(r, [&](auto br) {
         dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
           tc::shrink_kernel<decltype(format), AdapterT, decltype(br)::value,
-                            decltype(with_dropout)::value><<<grid, tc::kThreads, 0, stream>>>(
-              tensor_core_input(x), adapter_data<AdapterT>(A), partials.mutable_data_ptr<float>(),
-              M, K, r, k_per_split, epilogue_scale, dropout.seed, dropout.threshold);
+                            decltype(with_dropout)::value><<<plan.grid, tc::kThreads, 0, stream>>>(
+              tensor_core_input(x), adapter_data<AdapterT>(A), out.data<float>(), M, K, r,
+              plan.per_split, static_cast<float>(out.epilogue_scale()), dropout.seed,
+              dropout.threshold);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
     });
   });
-  if (splits > 1) reduce_partials(partials, dropout.inv_keep, S);
+  out.finish();
 }
 
 }  // namespace
@@ -152,21 +145,11 @@ void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
   const at::Tensor A = lora_A.contiguous();
   const DropoutArgs dropout = dropout_args(dropout_p, seed);
   if (uses_tensor_cores(x)) return shrink_tensor_core(x, A, dropout, S);
-  const int BR = rank_tile(r);
-  const int64_t m_tiles = ceil_div(M, kBM);
-  const int64_t r_tiles = ceil_div(r, BR);
-  const int64_t k_tiles = ceil_div(K, kBK);
-  const int64_t k_per_split = tiles_per_chunk(k_tiles, m_tiles * r_tiles, kMinKTilesPerSplit);
-  const int64_t splits = ceil_div(k_tiles, k_per_split);
-  check_grid_yz(r_tiles, "the rank tiles of the shrink");
-  check_grid_yz(splits, "the K splits of the shrink");
-
+  const SplitPlan plan = plan_split(ceil_div(M, kBM), r, ceil_div(K, kBK), kMinKTilesPerSplit,
+                                    "the shrink", "K");
   // One split writes S directly with the 1/(1-p) factor; several write
   // partials that the reduction scales.
-  at::Tensor partials = splits == 1 ? S : at::empty({splits, M, r}, S.options());
-  const double epilogue_scale = splits == 1 ? dropout.inv_keep : 1.0;
-  const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(r_tiles),
-                  static_cast<unsigned>(splits));
+  const SplitOutput out(S, plan.splits, S.scalar_type(), dropout.inv_keep);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   dispatch_exact_input_dtype(x.scalar_type(), "x", [&](auto x_tag, auto acc_tag) {
@@ -177,16 +160,16 @@ void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
       dispatch_rank_tile(r, [&](auto br) {
         dispatch_bool(dropout_p > 0.0, [&](auto with_dropout) {
           shrink_kernel<scalar_t, a_t, acc_t, decltype(br)::value, decltype(with_dropout)::value>
-              <<<grid, kThreads, 0, stream>>>(
+              <<<plan.grid, kThreads, 0, stream>>>(
                   x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), A.const_data_ptr<a_t>(),
-                  partials.mutable_data_ptr<acc_t>(), M, K, r, k_per_split,
-                  static_cast<acc_t>(epilogue_scale), dropout.seed, dropout.threshold);
+                  out.data<acc_t>(), M, K, r, plan.per_split,
+                  static_cast<acc_t>(out.epilogue_scale()), dropout.seed, dropout.threshold);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
     });
   });
-  if (splits > 1) reduce_partials(partials, dropout.inv_keep, S);
+  out.finish();
 }
 
 }  // namespace lora_kernels::cuda

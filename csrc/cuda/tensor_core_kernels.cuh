@@ -1,6 +1,7 @@
-// Tensor-core kernels of the `cuda` backend for fp16/bf16 inputs: the shrink,
-// the dy pass (dS and dB from one read of dy), dA, and the masked LoRA term
-// of grad_x. fp32 and fp64 inputs keep the exact SIMT kernels of the .cu files.
+// Tensor-core kernels of the `cuda` backend for fp16/bf16 inputs, one per
+// kernel family: shrink, dy_pass (dS and dB from one read of dy), grad_a (dA)
+// and grad_x (the masked LoRA term of grad_x). fp32 and fp64 inputs keep the
+// exact SIMT kernels of the families' .cu files.
 //
 // Every kernel runs 4 warps (128 threads). Per step a block stages its input
 // tiles in shared memory as fp32 -- x and dy read 16 bytes (8 elements) per
@@ -267,7 +268,7 @@ constexpr int kGradARows = 32;  // rows of x per step
 
 template <typename Format, int BR, bool kDropout>
 __global__ void __launch_bounds__(kThreads)
-    grad_A_kernel(const float* __restrict__ dS,  // (M, r) contiguous
+    grad_a_kernel(const float* __restrict__ dS,  // (M, r) contiguous
                   Input x,
                   float* __restrict__ out,  // (splits, r, K) partials, or dA when 1 split
                   int64_t M, int64_t K, int64_t r, int64_t m_tiles_per_split, float scale,

@@ -132,20 +132,6 @@ void check(const std::string& name, const std::vector<double>& got,
   }
 }
 
-int rank_tile(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : 64; }
-
-template <typename F>
-void dispatch_rank(int64_t r, F&& f) {
-  switch (rank_tile(r)) {
-    case 16:
-      return f(std::integral_constant<int, 16>{});
-    case 32:
-      return f(std::integral_constant<int, 32>{});
-    default:
-      return f(std::integral_constant<int, 64>{});
-  }
-}
-
 // Σ over the leading (split) axis of partials of `numel` elements.
 std::vector<double> sum_partials(const std::vector<float>& partials, size_t numel, double scale) {
   std::vector<double> out(numel, 0.0);
@@ -155,6 +141,28 @@ std::vector<double> sum_partials(const std::vector<float>& partials, size_t nume
   return out;
 }
 
+// The output of a kernel that splits its reduced axis of `tiles` tiles: about
+// `wanted` splits, as many used as leave none empty (as the launchers cut
+// them). One split writes the output scaled by `scale` in the kernel's
+// epilogue; several write unscaled partials, scaled when summed.
+struct SplitRun {
+  int64_t per_split, splits;
+  float epilogue_scale;
+  double reduce_scale;
+  std::vector<float> out;
+
+  SplitRun(int64_t tiles, int64_t wanted, size_t numel, double scale)
+      : per_split(tc::ceil_div(tiles, wanted)),
+        splits(tc::ceil_div(tiles, per_split)),
+        epilogue_scale(splits == 1 ? static_cast<float>(scale) : 1.0f),
+        reduce_scale(splits == 1 ? 1.0 : scale),
+        out(static_cast<size_t>(splits) * numel, -1.0f) {}
+
+  std::vector<double> result() const {
+    return sum_partials(out, out.size() / static_cast<size_t>(splits), reduce_scale);
+  }
+};
+
 // ---------------------------------------------------------------------------
 
 template <typename Format, typename AdapterT>
@@ -162,25 +170,20 @@ void shrink_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
   auto x = make_input<Format>(M, K, transposed);
   auto A = make_operand<Format, AdapterT>(static_cast<size_t>(r * K), 0.1f);
   const Mask mask = make_mask(p);
-  const int64_t k_tiles = tc::ceil_div(K, tc::kShrinkK);
-  const int64_t per_split = tc::ceil_div(k_tiles, splits);
-  const int64_t used_splits = tc::ceil_div(k_tiles, per_split);
-  std::vector<float> out(static_cast<size_t>(used_splits * M * r), -1.0f);
+  SplitRun split(tc::ceil_div(K, tc::kShrinkK), splits, static_cast<size_t>(M * r),
+                    mask.inv_keep());
   const int64_t seed = static_cast<int64_t>(mask.seed);
-  const float scale = used_splits == 1 ? static_cast<float>(mask.inv_keep()) : 1.0f;
-  dispatch_rank(r, [&](auto br) {
+  lk::cuda::dispatch_rank_tile(r, [&](auto br) {
     constexpr int kBR = decltype(br)::value;
-    auto run = [&](auto dropout) {
+    lk::cuda::dispatch_bool(p > 0, [&](auto dropout) {
       lk::emulation::launch(
-          dim3(tc::ceil_div(M, tc::kShrinkRows), tc::ceil_div(r, kBR), used_splits),
+          dim3(tc::ceil_div(M, tc::kShrinkRows), tc::ceil_div(r, kBR), split.splits),
           dim3(tc::kThreads), tc::shrink_kernel<Format, AdapterT, kBR, decltype(dropout)::value>,
-          x.input(), A.data.data(), out.data(), M, K, r, per_split, scale, &seed, mask.threshold);
-    };
-    if (p > 0) run(std::true_type{});
-    else run(std::false_type{});
+          x.input(), A.data.data(), split.out.data(), M, K, r, split.per_split,
+          split.epilogue_scale, &seed, mask.threshold);
+    });
   });
-  const std::vector<double> got =
-      sum_partials(out, static_cast<size_t>(M * r), used_splits == 1 ? 1.0 : mask.inv_keep());
+  const std::vector<double> got = split.result();
   std::vector<double> expected(got.size()), bound(got.size());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < r; ++j) {
@@ -198,7 +201,7 @@ void shrink_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
   std::snprintf(name, sizeof name, "shrink %s adapters=%s M=%lld K=%lld r=%lld p=%g %s splits=%lld",
                 std::is_same_v<Format, Bf16> ? "bf16" : "fp16",
                 std::is_same_v<AdapterT, float> ? "fp32" : "16-bit", (long long)M, (long long)K,
-                (long long)r, p, transposed ? "strided" : "contiguous", (long long)used_splits);
+                (long long)r, p, transposed ? "strided" : "contiguous", (long long)split.splits);
   check(name, got, expected, bound, 1e-5);
 }
 
@@ -212,7 +215,7 @@ void dy_pass_case(int64_t M, int64_t N, int64_t r, bool want_dS, bool want_dB, b
   const int64_t n_chunks = tc::ceil_div(tc::ceil_div(N, tc::kDyCols), n_per_chunk);
   std::vector<float> dS(static_cast<size_t>(n_chunks * M * r), -1.0f);
   std::vector<float> dB(static_cast<size_t>(m_chunks * N * r), -1.0f);
-  dispatch_rank(r, [&](auto br) {
+  lk::cuda::dispatch_rank_tile(r, [&](auto br) {
     constexpr int kBR = decltype(br)::value;
     lk::emulation::launch(dim3(m_chunks, n_chunks, tc::ceil_div(r, kBR)), dim3(tc::kThreads),
                           tc::dy_pass_kernel<Format, AdapterT, kBR>, dy.input(), B.data.data(),
@@ -239,7 +242,7 @@ void dy_pass_case(int64_t M, int64_t N, int64_t r, bool want_dS, bool want_dB, b
         expected[m * r + j] = sum;
         bound[m * r + j] = abs_sum;
       }
-    check(std::string("dy pass dS ") + suffix, got, expected, bound, 1e-5);
+    check(std::string("dy_pass dS ") + suffix, got, expected, bound, 1e-5);
   }
   if (want_dB) {
     const std::vector<double> got = sum_partials(dB, static_cast<size_t>(N * r), 1.0);
@@ -255,34 +258,29 @@ void dy_pass_case(int64_t M, int64_t N, int64_t r, bool want_dS, bool want_dB, b
         expected[n * r + j] = sum;
         bound[n * r + j] = abs_sum;
       }
-    check(std::string("dy pass dB ") + suffix, got, expected, bound, 1e-5);
+    check(std::string("dy_pass dB ") + suffix, got, expected, bound, 1e-5);
   }
 }
 
 template <typename Format>
-void grad_A_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int64_t splits) {
+void grad_a_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int64_t splits) {
   auto x = make_input<Format>(M, K, transposed);
   const std::vector<float> dS = randn(static_cast<size_t>(M * r), 0.5f);
   const Mask mask = make_mask(p);
-  const int64_t m_tiles = tc::ceil_div(M, tc::kGradARows);
-  const int64_t per_split = tc::ceil_div(m_tiles, splits);
-  const int64_t used_splits = tc::ceil_div(m_tiles, per_split);
-  std::vector<float> out(static_cast<size_t>(used_splits * r * K), -1.0f);
+  SplitRun split(tc::ceil_div(M, tc::kGradARows), splits, static_cast<size_t>(r * K),
+                    mask.inv_keep());
   const int64_t seed = static_cast<int64_t>(mask.seed);
-  const float scale = used_splits == 1 ? static_cast<float>(mask.inv_keep()) : 1.0f;
-  dispatch_rank(r, [&](auto br) {
+  lk::cuda::dispatch_rank_tile(r, [&](auto br) {
     constexpr int kBR = decltype(br)::value;
-    auto run = [&](auto dropout) {
+    lk::cuda::dispatch_bool(p > 0, [&](auto dropout) {
       lk::emulation::launch(
-          dim3(tc::ceil_div(K, tc::kGradACols), tc::ceil_div(r, kBR), used_splits),
-          dim3(tc::kThreads), tc::grad_A_kernel<Format, kBR, decltype(dropout)::value>,
-          dS.data(), x.input(), out.data(), M, K, r, per_split, scale, &seed, mask.threshold);
-    };
-    if (p > 0) run(std::true_type{});
-    else run(std::false_type{});
+          dim3(tc::ceil_div(K, tc::kGradACols), tc::ceil_div(r, kBR), split.splits),
+          dim3(tc::kThreads), tc::grad_a_kernel<Format, kBR, decltype(dropout)::value>,
+          dS.data(), x.input(), split.out.data(), M, K, r, split.per_split,
+          split.epilogue_scale, &seed, mask.threshold);
+    });
   });
-  const std::vector<double> got =
-      sum_partials(out, static_cast<size_t>(r * K), used_splits == 1 ? 1.0 : mask.inv_keep());
+  const std::vector<double> got = split.result();
   std::vector<double> expected(got.size()), bound(got.size());
   for (int64_t j = 0; j < r; ++j)
     for (int64_t k = 0; k < K; ++k) {
@@ -297,9 +295,9 @@ void grad_A_case(int64_t M, int64_t K, int64_t r, double p, bool transposed, int
       bound[j * K + k] = abs_sum * mask.inv_keep();
     }
   char name[160];
-  std::snprintf(name, sizeof name, "dA %s M=%lld K=%lld r=%lld p=%g %s splits=%lld",
+  std::snprintf(name, sizeof name, "grad_a %s M=%lld K=%lld r=%lld p=%g %s splits=%lld",
                 std::is_same_v<Format, Bf16> ? "bf16" : "fp16", (long long)M, (long long)K,
-                (long long)r, p, transposed ? "strided" : "contiguous", (long long)used_splits);
+                (long long)r, p, transposed ? "strided" : "contiguous", (long long)split.splits);
   check(name, got, expected, bound, 1e-5);
 }
 
@@ -312,15 +310,13 @@ void grad_x_case(int64_t M, int64_t K, int64_t r, double p) {
   const Mask mask = make_mask(p);
   const int64_t seed = static_cast<int64_t>(mask.seed);
   const bool vectorized = K % 8 == 0 && reinterpret_cast<uintptr_t>(grad_x.data()) % 16 == 0;
-  auto run = [&](auto dropout) {
+  lk::cuda::dispatch_bool(p > 0, [&](auto dropout) {
     lk::emulation::launch(
         dim3(tc::ceil_div(M, tc::kGradXRows), tc::ceil_div(K, tc::kGradXCols)),
         dim3(tc::kThreads), tc::add_grad_x_kernel<Format, AdapterT, decltype(dropout)::value>,
         dS.data(), A.data.data(), grad_x.data(), vectorized, M, K, r,
         static_cast<float>(mask.inv_keep()), &seed, mask.threshold);
-  };
-  if (p > 0) run(std::true_type{});
-  else run(std::false_type{});
+  });
   // Expected: the 16-bit rounding of (value before + term); the term's fp32
   // accumulation error may move a result across a rounding boundary, so the
   // bound is one unit in the last place of the result plus that error.
@@ -344,7 +340,7 @@ void grad_x_case(int64_t M, int64_t K, int64_t r, double p) {
       bound[i] = ulp + 1e-5 * abs_sum * mask.inv_keep();
     }
   char name[160];
-  std::snprintf(name, sizeof name, "dx term %s adapters=%s M=%lld K=%lld r=%lld p=%g %s",
+  std::snprintf(name, sizeof name, "grad_x %s adapters=%s M=%lld K=%lld r=%lld p=%g %s",
                 std::is_same_v<Format, Bf16> ? "bf16" : "fp16",
                 std::is_same_v<AdapterT, float> ? "fp32" : "16-bit", (long long)M, (long long)K,
                 (long long)r, p, vectorized ? "vectorised" : "scalar");
@@ -367,10 +363,10 @@ void all_cases() {
 }
 
 template <typename Format>
-void grad_A_cases() {
-  grad_A_case<Format>(77, 72, 16, 0.3, false, 1);
-  grad_A_case<Format>(77, 130, 40, 0.0, false, 3);  // several column tiles, split-M
-  grad_A_case<Format>(77, 70, 3, 0.3, true, 2);     // K tail, strided x
+void grad_a_cases() {
+  grad_a_case<Format>(77, 72, 16, 0.3, false, 1);
+  grad_a_case<Format>(77, 130, 40, 0.0, false, 3);  // several column tiles, split-M
+  grad_a_case<Format>(77, 70, 3, 0.3, true, 2);     // K tail, strided x
 }
 
 }  // namespace
@@ -380,8 +376,8 @@ int main() {
   all_cases<Bf16, float>();
   all_cases<Fp16, uint16_t>();
   all_cases<Fp16, float>();
-  grad_A_cases<Bf16>();
-  grad_A_cases<Fp16>();
+  grad_a_cases<Bf16>();
+  grad_a_cases<Fp16>();
   if (failures) {
     std::printf("%d FAILED\n", failures);
     return 1;

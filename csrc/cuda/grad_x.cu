@@ -22,11 +22,11 @@ constexpr int kRChunk = 16; // ranks staged per step
 
 template <typename scalar_t, typename a_t, typename acc_t, bool kDropout>
 __global__ void __launch_bounds__(kThreads)
-    add_lora_grad_x_kernel(const acc_t* __restrict__ dS,     // (M, r) contiguous
-                           const a_t* __restrict__ lora_A,   // (r, K) contiguous
-                           scalar_t* __restrict__ grad_x,    // (M, K) contiguous, in/out
-                           int64_t M, int64_t K, int64_t r, acc_t inv_keep,
-                           const int64_t* __restrict__ seed_ptr, uint32_t threshold) {
+    add_grad_x_kernel(const acc_t* __restrict__ dS,     // (M, r) contiguous
+                      const a_t* __restrict__ lora_A,   // (r, K) contiguous
+                      scalar_t* __restrict__ grad_x,    // (M, K) contiguous, in/out
+                      int64_t M, int64_t K, int64_t r, acc_t inv_keep,
+                      const int64_t* __restrict__ seed_ptr, uint32_t threshold) {
   constexpr int kRowsPerThread = kBM / kLanesY;  // 4
   static_assert(kBK == 4 * kLanesX, "each lane_x owns four consecutive columns");
   __shared__ acc_t ds_tile[kRChunk][kBM + 1];  // [j][m]
@@ -93,8 +93,8 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-void add_lora_grad_x(const at::Tensor& dS, const at::Tensor& lora_A, double dropout_p,
-                     const std::optional<at::Tensor>& seed, at::Tensor& grad_x) {
+void add_grad_x(const at::Tensor& dS, const at::Tensor& lora_A, double dropout_p,
+                const std::optional<at::Tensor>& seed, at::Tensor& grad_x) {
   const int64_t M = grad_x.size(0), K = grad_x.size(1), r = lora_A.size(0);
   if (M == 0 || K == 0) return;
   TORCH_CHECK(grad_x.is_contiguous(), "lora_kernels: grad_x must be contiguous");
@@ -136,7 +136,7 @@ void add_lora_grad_x(const at::Tensor& dS, const at::Tensor& lora_A, double drop
     dispatch_adapter_dtype<scalar_t, acc_t>(A, [&](auto a_tag) {
       using a_t = decltype(a_tag);
       dispatch_bool(dropout_p > 0.0, [&](auto with_dropout) {
-        add_lora_grad_x_kernel<scalar_t, a_t, acc_t, decltype(with_dropout)::value>
+        add_grad_x_kernel<scalar_t, a_t, acc_t, decltype(with_dropout)::value>
             <<<grid, kThreads, 0, stream>>>(
                 dS_c.const_data_ptr<acc_t>(), A.const_data_ptr<a_t>(),
                 grad_x.mutable_data_ptr<scalar_t>(), M, K, r, static_cast<acc_t>(dropout.inv_keep),

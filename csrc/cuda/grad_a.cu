@@ -1,6 +1,6 @@
 // grad_A = dSᵀ·x̃ (r×K), the dropout mask regenerated while x is loaded.
 //
-// fp16/bf16 inputs run tensor_core::grad_A_kernel; this file's SIMT kernel
+// fp16/bf16 inputs run tensor_core::grad_a_kernel; this file's SIMT kernel
 // serves fp32 and fp64 inputs, with the same split and reduction logic.
 // The reduction runs over M, usually the longest axis, so the grid splits M
 // (split-M) when the r x K tile grid alone would leave SMs idle. A block owns
@@ -22,11 +22,11 @@ constexpr int64_t kMinMTilesPerSplit = 4;
 
 template <typename scalar_t, typename acc_t, int BR, bool kDropout>
 __global__ void __launch_bounds__(kThreads)
-    grad_lora_A_kernel(const acc_t* __restrict__ dS,  // (M, r) contiguous
-                       const scalar_t* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k,
-                       acc_t* __restrict__ out,  // (splits, r, K) partials, or grad_A when 1 split
-                       int64_t M, int64_t K, int64_t r, int64_t m_tiles_per_split, acc_t scale,
-                       const int64_t* __restrict__ seed_ptr, uint32_t threshold) {
+    grad_a_kernel(const acc_t* __restrict__ dS,  // (M, r) contiguous
+                  const scalar_t* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k,
+                  acc_t* __restrict__ out,  // (splits, r, K) partials, or grad_A when 1 split
+                  int64_t M, int64_t K, int64_t r, int64_t m_tiles_per_split, acc_t scale,
+                  const int64_t* __restrict__ seed_ptr, uint32_t threshold) {
   constexpr int kRanksPerThread = BR / kLanesY;  // 1, 2 or 4
   constexpr int kColsPerThread = kBK / kLanesX;  // 4
   constexpr int kQuadsPerRow = kBK / 4;
@@ -97,42 +97,33 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The tensor-core path: the same split and reduction logic with its own tiles.
-void grad_lora_A_tensor_core(const at::Tensor& dS, const at::Tensor& x,
-                             const DropoutArgs& dropout, at::Tensor& grad_A) {
+void grad_a_tensor_core(const at::Tensor& dS, const at::Tensor& x, const DropoutArgs& dropout,
+                        at::Tensor& grad_A) {
   namespace tc = tensor_core;
   const int64_t M = x.size(0), K = x.size(1), r = grad_A.size(0);
-  const int64_t k_tiles = ceil_div(K, tc::kGradACols);
-  const int64_t r_tiles = ceil_div(r, rank_tile(r));
-  const int64_t m_tiles = ceil_div(M, tc::kGradARows);
-  const int64_t m_per_split = tiles_per_chunk(m_tiles, k_tiles * r_tiles, kMinMTilesPerSplit);
-  const int64_t splits = ceil_div(m_tiles, m_per_split);
-  check_grid_yz(r_tiles, "the rank tiles of grad_A");
-  check_grid_yz(splits, "the M splits of grad_A");
-  const bool direct = splits == 1 && grad_A.scalar_type() == at::kFloat;
-  at::Tensor partials = direct ? grad_A : at::empty({splits, r, K}, dS.options());
-  const float epilogue_scale = direct ? static_cast<float>(dropout.inv_keep) : 1.0f;
-  const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(r_tiles),
-                  static_cast<unsigned>(splits));
+  const SplitPlan plan = plan_split(ceil_div(K, tc::kGradACols), r, ceil_div(M, tc::kGradARows),
+                                    kMinMTilesPerSplit, "grad_A", "M");
+  const SplitOutput out(grad_A, plan.splits, dS.scalar_type(), dropout.inv_keep);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_16bit_format(x.scalar_type(), [&](auto format) {
     dispatch_rank_tile(r, [&](auto br) {
       dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
-        tc::grad_A_kernel<decltype(format), decltype(br)::value, decltype(with_dropout)::value>
-            <<<grid, tc::kThreads, 0, stream>>>(
-                dS.const_data_ptr<float>(), tensor_core_input(x),
-                partials.mutable_data_ptr<float>(), M, K, r, m_per_split, epilogue_scale,
-                dropout.seed, dropout.threshold);
+        tc::grad_a_kernel<decltype(format), decltype(br)::value, decltype(with_dropout)::value>
+            <<<plan.grid, tc::kThreads, 0, stream>>>(
+                dS.const_data_ptr<float>(), tensor_core_input(x), out.data<float>(), M, K, r,
+                plan.per_split, static_cast<float>(out.epilogue_scale()), dropout.seed,
+                dropout.threshold);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
-  if (!direct) reduce_partials(partials, dropout.inv_keep, grad_A);
+  out.finish();
 }
 
 }  // namespace
 
-void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
-                 const std::optional<at::Tensor>& seed, at::Tensor& grad_A) {
+void grad_a(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
+            const std::optional<at::Tensor>& seed, at::Tensor& grad_A) {
   const int64_t M = x.size(0), K = x.size(1), r = grad_A.size(0);
   if (K == 0) return;
   if (M == 0) {
@@ -142,23 +133,12 @@ void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
   TORCH_CHECK(grad_A.is_contiguous(), "lora_kernels: grad_A must be contiguous");
   const at::Tensor dS_c = dS.contiguous();
   const DropoutArgs dropout = dropout_args(dropout_p, seed);
-  if (uses_tensor_cores(x)) return grad_lora_A_tensor_core(dS_c, x, dropout, grad_A);
-  const int BR = rank_tile(r);
-  const int64_t k_tiles = ceil_div(K, kBK);
-  const int64_t r_tiles = ceil_div(r, BR);
-  const int64_t m_tiles = ceil_div(M, kBM);
-  const int64_t m_per_split = tiles_per_chunk(m_tiles, k_tiles * r_tiles, kMinMTilesPerSplit);
-  const int64_t splits = ceil_div(m_tiles, m_per_split);
-  check_grid_yz(r_tiles, "the rank tiles of grad_A");
-  check_grid_yz(splits, "the M splits of grad_A");
-
+  if (uses_tensor_cores(x)) return grad_a_tensor_core(dS_c, x, dropout, grad_A);
+  const SplitPlan plan = plan_split(ceil_div(K, kBK), r, ceil_div(M, kBM), kMinMTilesPerSplit,
+                                    "grad_A", "M");
   // A single split in the accumulate dtype writes grad_A directly, scaled;
   // otherwise partials go through the ordered reduction, which also casts.
-  const bool direct = splits == 1 && grad_A.scalar_type() == dS.scalar_type();
-  at::Tensor partials = direct ? grad_A : at::empty({splits, r, K}, dS.options());
-  const double epilogue_scale = direct ? dropout.inv_keep : 1.0;
-  const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(r_tiles),
-                  static_cast<unsigned>(splits));
+  const SplitOutput out(grad_A, plan.splits, dS.scalar_type(), dropout.inv_keep);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   dispatch_exact_input_dtype(x.scalar_type(), "x", [&](auto x_tag, auto acc_tag) {
@@ -166,16 +146,16 @@ void grad_lora_A(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
     using acc_t = decltype(acc_tag);
     dispatch_rank_tile(r, [&](auto br) {
       dispatch_bool(dropout_p > 0.0, [&](auto with_dropout) {
-        grad_lora_A_kernel<scalar_t, acc_t, decltype(br)::value, decltype(with_dropout)::value>
-            <<<grid, kThreads, 0, stream>>>(
+        grad_a_kernel<scalar_t, acc_t, decltype(br)::value, decltype(with_dropout)::value>
+            <<<plan.grid, kThreads, 0, stream>>>(
                 dS_c.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(), x.stride(0),
-                x.stride(1), partials.mutable_data_ptr<acc_t>(), M, K, r, m_per_split,
-                static_cast<acc_t>(epilogue_scale), dropout.seed, dropout.threshold);
+                x.stride(1), out.data<acc_t>(), M, K, r, plan.per_split,
+                static_cast<acc_t>(out.epilogue_scale()), dropout.seed, dropout.threshold);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
-  if (!direct) reduce_partials(partials, dropout.inv_keep, grad_A);
+  out.finish();
 }
 
 }  // namespace lora_kernels::cuda
