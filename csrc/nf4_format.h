@@ -4,7 +4,7 @@
 // the low nibble when i is odd; its value is nf4_value(code) · absmax[i /
 // blocksize], multiplied in fp32 and then rounded to the compute dtype.
 // Free of ATen and CUDA headers so that host code, device code and the CPU
-// emulation of the device code (tests/cuda_emulation) share it.
+// emulation of the device code (tests/backends/cuda_emulation) share it.
 #pragma once
 
 #include <cstdint>

@@ -2,7 +2,7 @@
 // storage formats and their conversions, 16-byte vector accesses, the dropout
 // keep bits, and the host-side dispatch that picks a kernel's instantiation
 // (rank tile, flags). Free of ATen so that the kernels also compile as host
-// C++ under the CPU emulation harness (tests/cuda_emulation), which defines
+// C++ under the CPU emulation harness (tests/backends/cuda_emulation), which defines
 // LORA_CUDA_EMULATION and supplies host versions of the CUDA built-ins used
 // here; the harness launches them through the same dispatch.
 #pragma once

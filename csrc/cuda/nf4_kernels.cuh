@@ -22,7 +22,7 @@
 // Both GEMV kernels may split K over gridDim.y; the splits then write fp32
 // partials that reduce_partials sums in a fixed order (bias in split 0).
 //
-// ATen-free: nf4.cu launches them, tests/cuda_emulation runs them on the CPU.
+// ATen-free: nf4.cu launches them, tests/backends/cuda_emulation runs them on the CPU.
 #pragma once
 
 #include "device_types.cuh"

@@ -13,7 +13,7 @@
 // sums in a fixed order: no atomics, reproducible bits.
 //
 // The kernels know nothing of ATen: the host code of the .cu files launches
-// them, and tests/cuda_emulation runs them on the CPU to check their indexing.
+// them, and tests/backends/cuda_emulation runs them on the CPU to check their indexing.
 #pragma once
 
 #include "tf32_mma.cuh"
