@@ -42,23 +42,6 @@ def _checked_tensors(x, weight, lora_A, lora_B, bias) -> tuple:
     return t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"]
 
 
-def refusal(
-    x: torch.Tensor,
-    weight: torch.Tensor | NF4Weight,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> str | None:
-    """Why ``lora_linear`` would refuse these tensors (the message of its
-    ``TypeError``/``ValueError``), or None when it takes them. Layers that can
-    fall back to an unfused forward ask this first."""
-    try:
-        _checked_tensors(x, weight, lora_A, lora_B, bias)
-    except (TypeError, ValueError) as exc:
-        return str(exc)
-    return None
-
-
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor | NF4Weight,

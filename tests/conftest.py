@@ -1,6 +1,7 @@
 """Test configuration: Triton runs interpreted on CPU-only machines, `gpu`
-tests skip without CUDA, and every test gets fresh random inputs whose seed
-is printed so a failure can be replayed (``LORA_TEST_SEED=<seed>``)."""
+tests skip without CUDA, and every test draws its random inputs from a seed
+that is printed so a failure can be replayed (``LORA_TEST_SEED=<seed>``; CI
+fixes one)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def fresh_random_seed(request):
-    """Seed torch with a fresh seed per test, printed on failure for replay."""
-    seed = int(os.environ.get("LORA_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    """Seed torch per test: with ``LORA_TEST_SEED`` (CI sets one, so its runs
+    repeat) or, unset or ``random``, a fresh seed, printed on failure for replay."""
+    value = os.environ.get("LORA_TEST_SEED", "random").strip()
+    seed = random.SystemRandom().randrange(2**31) if value in ("", "random") else int(value)
     torch.manual_seed(seed)
     print(f"[{request.node.nodeid}] torch seed = {seed} (replay with LORA_TEST_SEED={seed})")
     return seed

@@ -167,8 +167,19 @@ def assert_matches_oracle(
         allowed = 2.0 * baseline_err + FLOOR[dtype] * scale
         assert err <= allowed, (
             f"{context}: {name} error {err:.3e} vs float64 oracle exceeds {allowed:.3e} "
-            f"(2x torch backend in {dtype} + floor)"
+            f"(2x torch backend in {dtype} + floor); {first_mismatches(got, ref, allowed)}"
         )
+
+
+def first_mismatches(got: torch.Tensor, ref: torch.Tensor, allowed: float, count: int = 5) -> str:
+    """The first elements of ``got`` off ``ref`` by more than ``allowed``, in
+    index order: where a wrong tile or tail starts."""
+    wrong = ((got.double() - ref.double()).abs() > allowed).nonzero()[:count]
+    shown = [
+        f"{tuple(i.tolist())}: {got[tuple(i)].item():.6g} (expected {ref[tuple(i)].item():.6g})"
+        for i in wrong
+    ]
+    return f"first mismatching elements of {tuple(got.shape)}: " + ", ".join(shown)
 
 
 def within_nf4_rounding(weight, exact: torch.Tensor) -> bool:

@@ -22,6 +22,7 @@ and loads the same files as the bare one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -106,6 +107,30 @@ def _base_model_name(model: nn.Module) -> str | None:
     return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
 
+@contextlib.contextmanager
+def _full_parameters(model: nn.Module):
+    """Within: the parameters of FSDP (``FullyShardedDataParallel``) modules whole,
+    gathered from every rank (a collective: every rank must call)."""
+    fsdp = [m for m in model.modules() if type(m).__name__ == "FullyShardedDataParallel"]
+    if not fsdp:
+        yield
+        return
+    with type(fsdp[0]).summon_full_params(model, writeback=False):
+        yield
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: an FSDP2 (``fully_shard``) parameter is a sharded DTensor,
+    gathered from every rank (a collective)."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return (full_tensor() if callable(full_tensor) else tensor).detach()
+
+
+def _distributed_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def save_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -118,8 +143,10 @@ def save_adapter(
 
     Args:
         model: a model with ``LoRALinear`` layers (e.g. from ``inject_lora``),
-            bare or wrapped (``torch.compile``, ``DataParallel``, DDP): the
-            file's names are the bare model's either way.
+            bare or wrapped (``torch.compile``, ``DataParallel``, DDP, FSDP):
+            the file's names are the bare model's either way. In a distributed
+            run only rank 0 writes; a sharded model (FSDP, FSDP2
+            ``fully_shard``) is gathered first, so call this on every rank.
         directory: created if missing; ``adapter_model.safetensors`` and
             ``adapter_config.json`` are (over)written there.
         base_model_name_or_path: recorded in the config (default: the model's
@@ -141,15 +168,18 @@ def save_adapter(
     if len(use_rslora) != 1:
         raise ValueError("all LoRALinear layers must agree on use_rslora to save one adapter")
 
-    tensors = {}
-    for name, layer in layers.items():
-        for which, module in (("A", layer.lora_A), ("B", layer.lora_B)):
-            tensors[f"{PEFT_PREFIX}{name}.lora_{which}.weight"] = module.weight
     saved_whole = modules_to_save(model)
-    for name, module in saved_whole.items():
-        for key, tensor in module.state_dict().items():
-            tensors[f"{PEFT_PREFIX}{name}.{key}"] = tensor
-    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+    with _full_parameters(model):
+        tensors = {}
+        for name, layer in layers.items():
+            for which, module in (("A", layer.lora_A), ("B", layer.lora_B)):
+                tensors[f"{PEFT_PREFIX}{name}.lora_{which}.weight"] = module.weight
+        for name, module in saved_whole.items():
+            for key, tensor in module.state_dict().items():
+                tensors[f"{PEFT_PREFIX}{name}.{key}"] = tensor
+        tensors = {k: _full_tensor(t).to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+    if _distributed_rank() > 0:
+        return Path(directory)  # every rank gathered; the first one writes
 
     ranks = {name: layer.r for name, layer in layers.items()}
     alphas = {name: layer.lora_alpha for name, layer in layers.items()}
@@ -238,12 +268,12 @@ def _read_weights(directory: Path) -> tuple[dict[str, dict[str, torch.Tensor]], 
     return modules, others
 
 
-def _load_modules_to_save(
+def _modules_to_save_states(
     model: nn.Module, config: dict, tensors: dict[str, torch.Tensor], path: Path
-) -> None:
-    """Load the file's modules saved whole (peft's ``modules_to_save``: each
-    module's state under its name) into the model's modules of those names,
-    and mark them so ``save_adapter`` writes them again."""
+) -> dict[nn.Module, dict[str, torch.Tensor]]:
+    """{module: state} for the file's modules saved whole (peft's
+    ``modules_to_save``: each module's state under its name), matched to the
+    model's modules of those names; checked, nothing loaded yet."""
     entries = config.get("modules_to_save") or []
     candidates = {
         name: module
@@ -260,8 +290,27 @@ def _load_modules_to_save(
             )
         states.setdefault(owner, {})[key[len(owner) + 1 :]] = tensor
     for name, state in states.items():
-        candidates[name].load_state_dict(state)
-        candidates[name].__dict__[MODULE_TO_SAVE] = True
+        own = candidates[name].state_dict()
+        if state.keys() != own.keys() or any(t.shape != own[k].shape for k, t in state.items()):
+            raise ValueError(
+                f"{path}: module {name!r} of modules_to_save holds "
+                f"{ {k: tuple(t.shape) for k, t in state.items()} }, the model's "
+                f"{ {k: tuple(t.shape) for k, t in own.items()} }"
+            )
+    return {candidates[name]: state for name, state in states.items()}
+
+
+def _check_fits(name: str, layer: LoRALinear, A, B, scaling: float, description: str) -> None:
+    if A.shape != layer.lora_A.weight.shape or B.shape != layer.lora_B.weight.shape:
+        raise ValueError(
+            f"{name}: the adapter's lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not "
+            f"fit the layer's {tuple(layer.lora_A.weight.shape)} / {tuple(layer.lora_B.weight.shape)}"
+        )
+    if not math.isclose(layer.scaling, scaling, rel_tol=1e-6):
+        raise ValueError(
+            f"{name}: the layer's scaling {layer.scaling:g} differs from the adapter's "
+            f"{scaling:g} ({description})"
+        )
 
 
 def load_adapter(
@@ -298,12 +347,26 @@ def load_adapter(
     """
     directory = Path(directory)
     config = _read_config(directory)
-    weights, saved_whole = _read_weights(directory)
+    weights, others = _read_weights(directory)
     alpha_default = config.get("lora_alpha", 8)
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
 
+    # Everything is checked before the model changes, so a refused file leaves it as it was.
+    saved_whole = _modules_to_save_states(model, config, others, directory / WEIGHTS_NAME)
+    scalings = {}
+    for name, pair in weights.items():
+        r = pair["A"].shape[0]
+        alpha = _pattern_value(alpha_pattern, name, alpha_default)
+        scalings[name] = (alpha / math.sqrt(r) if use_rslora else alpha / r, alpha)
     existing = lora_layers(model)
+    for name, layer in existing.items():
+        if name in weights:
+            scaling, alpha = scalings[name]
+            description = (
+                f"lora_alpha={alpha}, r={weights[name]['A'].shape[0]}, use_rslora={use_rslora}"
+            )
+            _check_fits(name, layer, weights[name]["A"], weights[name]["B"], scaling, description)
     if existing and set(existing) != set(weights):
         only_model = sorted(set(existing) - set(weights))
         only_file = sorted(set(weights) - set(existing))
@@ -324,39 +387,28 @@ def load_adapter(
                     f"the adapter targets {name!r}, a {type(module).__name__}, not a linear "
                     "layer (nn.Linear, Conv1D or bitsandbytes Linear4bit)"
                 )
-        model.requires_grad_(False)
-        for name, pair in weights.items():
-            base = model.get_submodule(real_names[name])
-            layer = LoRALinear.from_linear(
-                base,
+        new_layers = {
+            name: LoRALinear.from_linear(
+                base := model.get_submodule(real_names[name]),
                 r=pair["A"].shape[0],
-                lora_alpha=_pattern_value(alpha_pattern, name, alpha_default),
+                lora_alpha=scalings[name][1],
                 lora_dropout=float(config.get("lora_dropout", 0.0)),
                 use_rslora=use_rslora,
                 backend=backend,
                 adapter_dtype=adapter_dtype_for(base, autocast_adapter_dtype),
             )
+            for name, pair in weights.items()
+        }
+        model.requires_grad_(False)
+        for name, layer in new_layers.items():
             replace_module(model, real_names[name], layer)
-    _load_modules_to_save(model, config, saved_whole, directory / WEIGHTS_NAME)
-
+    for module, state in saved_whole.items():
+        module.load_state_dict(state)
+        module.__dict__[MODULE_TO_SAVE] = True
     for name, layer in lora_layers(model).items():
-        A, B = weights[name]["A"], weights[name]["B"]
-        if A.shape != layer.lora_A.weight.shape or B.shape != layer.lora_B.weight.shape:
-            raise ValueError(
-                f"{name}: the adapter's lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not "
-                f"fit the layer's {tuple(layer.lora_A.weight.shape)} / {tuple(layer.lora_B.weight.shape)}"
-            )
-        r = A.shape[0]
-        alpha = _pattern_value(alpha_pattern, name, alpha_default)
-        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        if not math.isclose(layer.scaling, scaling, rel_tol=1e-6):
-            raise ValueError(
-                f"{name}: the layer's scaling {layer.scaling:g} differs from the adapter's "
-                f"{scaling:g} (lora_alpha={alpha}, r={r}, use_rslora={use_rslora})"
-            )
         with torch.no_grad():
-            layer.lora_A.weight.copy_(A)
-            layer.lora_B.weight.copy_(B)
+            layer.lora_A.weight.copy_(weights[name]["A"])
+            layer.lora_B.weight.copy_(weights[name]["B"])
         layer.lora_A.requires_grad_(is_trainable)
         layer.lora_B.requires_grad_(is_trainable)
     for module in modules_to_save(model).values():

@@ -23,6 +23,15 @@ CLASSIFICATION_HEADS = ("score", "classifier")
 MODULE_TO_SAVE = "_lora_kernels_module_to_save"
 
 
+def _is_all_linear(target_modules) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
+def _within(name: str, prefix: str) -> bool:
+    """``name`` is the module ``prefix`` or one inside it."""
+    return name == prefix or name.startswith(f"{prefix}.")
+
+
 def _wrapper_child(module: nn.Module) -> str | None:
     """The attribute under which a wrapper holds the module it wraps, adding a
     component to every name below it: ``torch.compile``'s ``_orig_mod``,
@@ -94,7 +103,7 @@ def target_module_names(model: nn.Module, target_modules: str | Iterable[str]) -
     ``"model.layers.0.self_attn.q_proj"``).
     """
     if isinstance(target_modules, str):
-        if target_modules.lower() == ALL_LINEAR:
+        if _is_all_linear(target_modules):
             head = _output_embeddings(model)
             classifier = classification_head(model)
             return [
@@ -102,7 +111,7 @@ def target_module_names(model: nn.Module, target_modules: str | Iterable[str]) -
                 for name, module in _candidate_modules(model)
                 if is_linear_target(module)
                 and module is not head
-                and not (classifier and (name == classifier or name.startswith(f"{classifier}.")))
+                and not (classifier and _within(name, classifier))
             ]
         try:
             pattern = re.compile(target_modules)
@@ -186,7 +195,7 @@ def inject_lora(
         kinds = "nn.Linear, Conv1D, NF4Linear or bitsandbytes Linear4bit layer"
         hint = (
             f"the model has no {kinds} outside its output embedding"
-            if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+            if _is_all_linear(target_modules)
             else "pass module-name suffixes (e.g. ['q_proj', 'v_proj']) or a regex that "
             "full-matches module names"
         )
@@ -196,12 +205,7 @@ def inject_lora(
         )
     saved = _modules_to_save(model, modules_to_save, names)
     head = classification_head(model)
-    if (
-        isinstance(target_modules, str)
-        and target_modules.lower() == ALL_LINEAR
-        and head is not None
-        and not any(name == head or name.startswith(f"{head}.") for name in saved)
-    ):
+    if _is_all_linear(target_modules) and head and not any(_within(n, head) for n in saved):
         warnings.warn(
             f"inject_lora: 'all-linear' leaves the classification head {head!r} out, as peft "
             f"does; it stays frozen at its initialisation unless modules_to_save=[{head!r}] "
@@ -274,13 +278,13 @@ def _modules_to_save(
     suffixes = list(modules_to_save)
     names = [name for name, _ in _candidate_modules(model) if _matches_suffix(name, suffixes)]
     # Only the outermost of nested matches (a head and its layers) is marked.
-    names = [n for n in names if not any(n.startswith(f"{other}.") for other in names)]
+    names = [n for n in names if not any(_within(n, other) and n != other for other in names)]
     if suffixes and not names:
         raise ValueError(f"modules_to_save {suffixes!r} matched no module of the model")
     for name in names:
         if isinstance(model.get_submodule(name), LoRALinear):
             raise ValueError(f"modules_to_save names {name!r}, a LoRALinear: its adapter is saved")
-        clash = [t for t in targets if t == name or t.startswith(f"{name}.")]
+        clash = [t for t in targets if _within(t, name)]
         if clash:
             raise ValueError(
                 f"{clash[0]!r} is both a LoRA target and (in) a module to save ({name!r}); "
@@ -344,9 +348,10 @@ def merge_and_unload(
 
 def unload(model: nn.Module, *, progressbar: bool = False) -> nn.Module:
     """Remove every ``LoRALinear`` without merging, as peft's ``unload``: each
-    base layer goes back in its place, as it was before ``inject_lora`` (a
-    layer merged with ``LoRALinear.merge`` is unmerged first). Modules trained
-    whole (``modules_to_save``) stay as trained.
+    base layer goes back in its place (a layer merged with ``LoRALinear.merge``
+    is unmerged first): the layer ``inject_lora`` wrapped, or the ``NF4Linear``
+    that ``quantize="nf4"`` made of it. Modules trained whole
+    (``modules_to_save``) stay as trained.
 
     Returns:
         ``model`` (the base layer itself when ``model`` is a ``LoRALinear``).

@@ -22,9 +22,15 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ..functional import lora_linear, refusal
-from ..nn.base_layer import fused_inputs, is_bnb_linear4bit, is_conv1d
-from ..nn.unfused import UnfusedWarning, forget_reports, report_unfused, skipped_hooks
+from ..functional import lora_linear
+from ..nn.base_layer import bnb_refusal, fused_inputs, is_bnb_linear4bit, is_conv1d
+from ..nn.unfused import (
+    UnfusedWarning,
+    forget_reports,
+    keep_reports,
+    report_unfused,
+    skipped_hooks,
+)
 from ..ops.registry import BACKEND_NAMES, backend_for_device
 from ..quant.nf4 import NF4Weight
 
@@ -45,24 +51,18 @@ class PeftFallbackWarning(UnfusedWarning):
 # --------------------------------------------------------------------------
 
 
-def _peft_lora_layer_class() -> type:
+def _peft_classes() -> tuple[type, tuple[type, ...]]:
+    """(peft's LoRA layer base class, the classes that fuse: its LoRA Linear, and
+    its bitsandbytes 4-bit variant when bitsandbytes is there)."""
     try:
-        from peft.tuners.lora.layer import LoraLayer
+        from peft.tuners.lora.layer import Linear, LoraLayer
     except ImportError as exc:
         raise ImportError("patch_peft needs peft: pip install 'lora_kernels[interop]'") from exc
-    return LoraLayer
-
-
-def _fusable_peft_classes() -> tuple[type, ...]:
-    """peft's LoRA Linear, and its bitsandbytes 4-bit variant when bitsandbytes is there."""
-    _peft_lora_layer_class()
-    from peft.tuners.lora.layer import Linear
-
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # no bitsandbytes: peft defines no 4-bit layers
-        return (Linear,)
-    return (Linear, Linear4bit)
+        return LoraLayer, (Linear,)
+    return LoraLayer, (Linear, Linear4bit)
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -90,7 +90,7 @@ def _fused_class(peft_class: type) -> type:
 def __getattr__(name: str) -> type:
     # pickle finds a patched layer's class here by its qualified name.
     if name.startswith(_FUSED_PREFIX):
-        for peft_class in _fusable_peft_classes():
+        for peft_class in _peft_classes()[1]:
             if name == _FUSED_PREFIX + peft_class.__name__:
                 return _fused_class(peft_class)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -112,34 +112,23 @@ def _plain_module(module: nn.Module, cls: type) -> bool:
 
 
 def _plain_base(base: nn.Module) -> bool:
-    """An ``nn.Linear``, a transformers ``Conv1D``, or a bitsandbytes ``Linear4bit``
-    holding an NF4 weight, each with its class's own forward."""
-    if is_conv1d(base):
-        from transformers.pytorch_utils import Conv1D
-
-        return _plain_module(base, Conv1D)
+    """An ``nn.Linear``, a transformers ``Conv1D``, or a bitsandbytes ``Linear4bit``,
+    each with its class's own forward."""
     if is_bnb_linear4bit(base):
         return type(base).__name__ == "Linear4bit"
+    if is_conv1d(base):
+        return True
     return _plain_module(base, nn.Linear) and base.weight.is_floating_point()
 
 
 def _base_reason(base: nn.Module) -> str | None:
-    state = getattr(getattr(base, "weight", None), "quant_state", None)
-    if is_bnb_linear4bit(base):
-        if state is None:
-            return "its bitsandbytes Linear4bit base is not quantized yet"
-        if state.quant_type != "nf4":
-            return f"its 4-bit base is {state.quant_type.upper()}, not NF4"
-        if getattr(state, "packing_format_for_cpu", False):
-            return (
-                "its base layer's weight was repacked by bitsandbytes for its CPU inference kernel"
-            )
-    if not _plain_base(base):
-        return (
+    reason = bnb_refusal(base)
+    if reason is None and not _plain_base(base):
+        reason = (
             f"its base layer is a {type(base).__name__}, not a plain nn.Linear, Conv1D or NF4 "
             "bitsandbytes Linear4bit"
         )
-    return None
+    return reason
 
 
 def _other_layer_reason(layer: nn.Module) -> str:
@@ -172,8 +161,6 @@ def _dropout_p(dropout: nn.Module) -> float | None:
 
 def _unfused_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot run on the fused op in its current state (None if it can)."""
-    if "forward" in layer.__dict__:
-        return "its forward is replaced on the instance (an accelerate hook?)"
     reason = _base_reason(layer.base_layer)
     if reason is not None:
         return reason
@@ -225,26 +212,27 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
             reason = f"peft forward arguments beyond x ({len(args)} positional, {extra})"
     if reason is None:
         (name,) = _active_lora_adapters(self)
-        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
         x_in, weight, bias = fused_inputs(self.base_layer, x)
-        reason = refusal(x_in, weight, lora_A, lora_B, bias)
-    if reason is not None:
-        what = f"peft layer {self.__dict__.get(_NAME, type(self).__name__)!r}"
-        report_unfused(self, what, reason, PeftFallbackWarning)
-        return peft_forward(self, x, *args, **kwargs)
-    y = lora_linear(
-        x_in,
-        weight,
-        lora_A,
-        lora_B,
-        self.scaling[name],
-        bias=bias,
-        dropout_p=_dropout_p(self.lora_dropout[name]),
-        backend=backend_for_device(self.__dict__[_BACKEND], x.device),
-    )
-    # A quantized base computes in its compute dtype and returns x's dtype, as
-    # peft's Linear4bit (bitsandbytes' base and peft's LoRA branch both do).
-    return y.to(x.dtype) if isinstance(weight, NF4Weight) else y
+        try:
+            y = lora_linear(
+                x_in,
+                weight,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.scaling[name],
+                bias=bias,
+                dropout_p=_dropout_p(self.lora_dropout[name]),
+                backend=backend_for_device(self.__dict__[_BACKEND], x.device),
+            )
+        except (TypeError, ValueError) as refused:  # raised before any kernel runs
+            reason = str(refused)
+        else:
+            # A quantized base computes in its compute dtype and returns x's dtype,
+            # as peft's Linear4bit (bitsandbytes' base and peft's LoRA branch both do).
+            return y.to(x.dtype) if isinstance(weight, NF4Weight) else y
+    what = f"peft layer {self.__dict__.get(_NAME, type(self).__name__)!r}"
+    report_unfused(self, what, reason, PeftFallbackWarning)
+    return peft_forward(self, x, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------
@@ -291,8 +279,7 @@ def patch_peft(peft_model: nn.Module, *, backend: str = "auto") -> int:
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-    lora_layer = _peft_lora_layer_class()
-    fusable = _fusable_peft_classes()
+    lora_layer, fusable = _peft_classes()
     patched = 0
     skipped: dict[str, list[str]] = defaultdict(list)
     for name, module in peft_model.named_modules():
@@ -304,12 +291,20 @@ def patch_peft(peft_model: nn.Module, *, backend: str = "auto") -> int:
             continue
         # Exact types: peft's LoRA Linear and its bitsandbytes 4-bit (NF4)
         # variant; its other layers compute differently.
-        reason = _unfused_reason(module) if type(module) in fusable else _other_layer_reason(module)
+        if type(module) not in fusable:
+            reason = _other_layer_reason(module)
+        elif "forward" in module.__dict__:
+            # Its forward (an accelerate hook?) would bypass the class's, so the
+            # fused one would never run.
+            reason = "its forward is replaced on the instance (an accelerate hook?)"
+        else:
+            reason = _unfused_reason(module)
         if reason is not None:
             skipped[reason].append(name)
             continue
         module.__dict__[_BACKEND] = backend
         module.__dict__[_NAME] = name
+        keep_reports(module)
         module.__class__ = _fused_class(type(module))
         patched += 1
     if skipped:

@@ -26,8 +26,9 @@ from .adapter_io import save_adapter
 
 class SaveAdapterCallback(TrainerCallback):
     """Writes ``save_adapter(model, <checkpoint folder>/<subfolder>)`` each time
-    ``Trainer`` saves a checkpoint, from the main process only, and once more
-    into ``<output_dir>/<subfolder>`` when training ends.
+    ``Trainer`` saves a checkpoint (the main process writes; a sharded model is
+    gathered from every process first), and once more into
+    ``<output_dir>/<subfolder>`` when training ends.
 
     Args:
         subfolder: the adapter's folder inside each checkpoint folder.
@@ -51,14 +52,13 @@ class SaveAdapterCallback(TrainerCallback):
     def _save(self, model, directory: Path) -> None:
         save_adapter(model, directory / self.subfolder, **self.save_kwargs)
 
+    # Every process calls save_adapter: a sharded model (FSDP) is gathered from
+    # all of them, and only the first one writes.
     def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            self._save(
-                model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            )
+        checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        self._save(model, Path(args.output_dir) / checkpoint)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            self._save(model, Path(args.output_dir))
+        self._save(model, Path(args.output_dir))
         return control

@@ -5,8 +5,6 @@ the fused op takes them; and the unfused LoRA forward through the modules."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -24,12 +22,30 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
 
 def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, its
-    weight stored transposed, (in_features, out_features)), without importing
+    weight stored transposed, (in_features, out_features)) with Conv1D's own
+    forward (a subclass computing otherwise is not), without importing
     transformers."""
-    return any(
-        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-        for cls in type(module).__mro__
-    )
+    for cls in type(module).__mro__:
+        if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+            return type(module).forward is cls.forward
+    return False
+
+
+def bnb_refusal(base: nn.Module) -> str | None:
+    """Why a bitsandbytes ``Linear4bit`` base cannot take the fused op now (None
+    when it can, and for every other kind of base)."""
+    if not is_bnb_linear4bit(base):
+        return None
+    state = getattr(base.weight, "quant_state", None)
+    quant_type = state.quant_type if state is not None else getattr(base.weight, "quant_type", None)
+    if quant_type != "nf4":
+        return f"its 4-bit base is {str(quant_type).upper()}, not NF4"
+    if state is None:
+        return "its bitsandbytes Linear4bit is not quantized yet (moving it to a device does)"
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes' CPU inference path (eval, no grad) repacks in place.
+        return "its weight was repacked by bitsandbytes for its CPU inference kernel"
+    return None
 
 
 def is_quantized_base(base: nn.Module) -> bool:
@@ -97,22 +113,6 @@ def fused_inputs(
 
 def base_device(base: nn.Module) -> torch.device:
     return base.packed.device if isinstance(base, NF4Linear) else base.weight.device
-
-
-def unfused_lora(
-    x: torch.Tensor,
-    base_output: torch.Tensor,
-    lora_A: nn.Module,
-    lora_B: nn.Module,
-    scaling: float,
-    dropout: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """``base_output + scaling · lora_B(lora_A(dropout(x)))`` through the modules
-    themselves (their hooks fire), as peft's LoRA ``Linear`` computes it: outside
-    autocast, x in the adapters' dtype and the LoRA term in the output's."""
-    if not torch.is_autocast_enabled(x.device.type):
-        x = x.to(lora_A.weight.dtype)
-    return base_output + (lora_B(lora_A(dropout(x))) * scaling).to(base_output.dtype)
 
 
 def check_base_layer(base: nn.Module) -> None:

@@ -20,16 +20,16 @@ from .base_layer import (
     base_device,
     base_features,
     base_weight,
+    bnb_refusal,
     check_base_layer,
     fused_inputs,
     is_bnb_linear4bit,
     is_conv1d,
     is_quantized_base,
     quantized_compute_dtype,
-    unfused_lora,
 )
 from .nf4_linear import NF4Linear, nf4_linear
-from .unfused import report_unfused, skipped_hooks
+from .unfused import keep_reports, report_unfused, skipped_hooks
 
 QUANTIZATIONS = (None, "nf4")
 
@@ -140,6 +140,7 @@ class LoRALinear(nn.Module):
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.backend = backend
         self.merged = False
+        keep_reports(self)
         self.reset_lora_parameters(init_lora_weights)
 
     @classmethod
@@ -318,17 +319,10 @@ class LoRALinear(nn.Module):
         dropout_p = self.lora_dropout if self.training else 0.0
         reason = skipped_hooks(
             {"base_layer": self.base_layer, "lora_A": self.lora_A, "lora_B": self.lora_B}
-        )
+        ) or bnb_refusal(self.base_layer)
         if reason is not None:
             report_unfused(self, f"LoRALinear({self.extra_repr()})", reason)
-            return unfused_lora(
-                x,
-                self.base_layer(x),
-                self.lora_A,
-                self.lora_B,
-                self.scaling,
-                lambda t: nn.functional.dropout(t, dropout_p, training=dropout_p > 0),
-            )
+            return self._unfused_forward(x, dropout_p)
         # A quantized base computes in its compute dtype and returns x's dtype,
         # as bitsandbytes' Linear4bit does (fused_inputs).
         x_in, weight, bias = fused_inputs(self.base_layer, x)
@@ -343,6 +337,18 @@ class LoRALinear(nn.Module):
             backend=backend_for_device(self.backend, x.device),
         )
         return y.to(x.dtype) if self.quantized else y
+
+    def _unfused_forward(self, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))`` through the
+        modules themselves (their hooks fire), as peft's LoRA ``Linear``
+        computes it: outside autocast, x in the adapters' dtype and the LoRA
+        term in the output's."""
+        base_output = self.base_layer(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        x = nn.functional.dropout(x, dropout_p, training=dropout_p > 0)
+        lora = self.lora_B(self.lora_A(x)) * self.scaling
+        return base_output + lora.to(base_output.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -21,35 +22,39 @@ class UnfusedWarning(UserWarning):
     message says why. Each layer says so once per reason."""
 
 
-def _hook_kinds(module: nn.Module) -> list[str]:
-    kinds = [
-        ("forward", module._forward_hooks),
-        ("forward-pre", module._forward_pre_hooks),
-        ("backward", module._backward_hooks),
-        ("backward-pre", module._backward_pre_hooks),
-    ]
-    return [kind for kind, hooks in kinds if hooks]
+def _hook_kinds(forward, forward_pre, backward, backward_pre) -> str:
+    """The kinds of the given hook dictionaries that hold hooks, '/'-joined."""
+    kinds = zip(("forward", "forward-pre", "backward", "backward-pre"),
+                (forward, forward_pre, backward, backward_pre), strict=True)  # fmt: skip
+    return "/".join(kind for kind, hooks in kinds if hooks)
 
 
 def skipped_hooks(modules: dict[str, nn.Module]) -> str | None:
     """Why the fused op would skip hooks of ``modules`` (the submodules it reads
     without calling, by name), or of every module; None when it skips none."""
-    for name, module in modules.items():
-        kinds = _hook_kinds(module)
+    for name, m in modules.items():
+        kinds = _hook_kinds(
+            m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
+        )
         if kinds:
-            return f"{'/'.join(kinds)} hooks are registered on {name}"
-        if "forward" in module.__dict__:
+            return f"{kinds} hooks are registered on {name}"
+        if "forward" in m.__dict__:
             return f"{name}'s forward is replaced on the instance (an accelerate hook?)"
-    global_hooks = [
-        ("forward", _module._global_forward_hooks),
-        ("forward-pre", _module._global_forward_pre_hooks),
-        ("backward", _module._global_backward_hooks),
-        ("backward-pre", _module._global_backward_pre_hooks),
-    ]
-    kinds = [kind for kind, hooks in global_hooks if hooks]
+    kinds = _hook_kinds(
+        _module._global_forward_hooks,
+        _module._global_forward_pre_hooks,
+        _module._global_backward_hooks,
+        _module._global_backward_pre_hooks,
+    )
     if kinds:
-        return f"global module {'/'.join(kinds)} hooks are registered"
+        return f"global module {kinds} hooks are registered"
     return None
+
+
+def keep_reports(layer: nn.Module) -> None:
+    """Give ``layer`` the record of what it reported, made once so that its
+    copies (``DataParallel``'s replicas, rebuilt every step) share it."""
+    layer.__dict__.setdefault(_REPORTED, set())
 
 
 def report_unfused(
@@ -57,6 +62,8 @@ def report_unfused(
 ) -> None:
     """Warn that ``layer`` (described by ``what``) runs unfused for ``reason``:
     once per layer and reason, so a training loop is told without being flooded."""
+    if torch.compiler.is_compiling():
+        return  # a warning would break the graph; eager calls report
     reported = layer.__dict__.setdefault(_REPORTED, set())
     if reason in reported:
         return

@@ -38,6 +38,9 @@ def draw_seed(device: torch.device | str) -> torch.Tensor:
     alone -- the same in eager, compiled training and compiled inference
     graphs. Tagged ``nondeterministic_seeded``, it is a random op to
     activation checkpointing: a recompute (eager or compiled) replays the
-    generator state and draws the seed the forward used.
+    generator state and draws the seed the forward used. Eager calls draw
+    directly (the same draw, without the op's dispatch cost).
     """
-    return _draw_seed(torch.device(device))
+    if torch.compiler.is_compiling():
+        return _draw_seed(torch.device(device))
+    return torch.randint(SEED_HIGH, (1,), dtype=torch.int64, device=device)

@@ -364,3 +364,14 @@ def test_bitwise_reproducible_by_default(device, backend):
         for run in runs[1:]:
             for name, value in run.items():
                 assert torch.equal(value, runs[0][name]), f"{name} ({dtype}) differs between runs"
+
+
+def test_oracle_assertion_names_the_first_mismatching_elements():
+    from lora_testing import first_mismatches
+
+    ref = torch.zeros(3, 4, dtype=torch.float64)
+    got = ref.clone()
+    got[1, 2], got[2, 0] = 1.0, -2.0
+    assert first_mismatches(got, ref, 0.5) == (
+        "first mismatching elements of (3, 4): (1, 2): 1 (expected 0), (2, 0): -2 (expected 0)"
+    )

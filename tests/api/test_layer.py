@@ -292,3 +292,15 @@ def test_hooked_layer_applies_dropout_in_training_only():
     assert not torch.equal(first, layer(x))
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
+
+
+def test_compiled_layer_takes_hooks_registered_later():
+    torch._dynamo.reset()
+    layer = LoRALinear(16, 8, r=2, init_lora_weights=False)
+    x = torch.randn(4, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    expected = compiled(x)
+    seen = []
+    layer.lora_B.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    torch.testing.assert_close(compiled(x), expected)  # no graph break: traced unfused
+    assert seen == [(4, 8)]

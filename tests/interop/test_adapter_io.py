@@ -313,3 +313,16 @@ def test_gpt2_conv1d_adapters_interchange_with_peft(tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(logits(ours, batch), logits(model, batch))
+
+
+def test_a_refused_file_leaves_the_model_as_it_was(tmp_path):
+    # An embedding adapter next to linear ones: refused before any layer is replaced.
+    base = tiny_llama()
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"])
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="embed_tokens"):
+        load_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable

@@ -1,6 +1,7 @@
 """LoRALinear under torch.distributed on the CPU: 2 processes (gloo) training
-with DistributedDataParallel, and with FSDP2 ``fully_shard``, give the same
-gradients and final weights as one process on the whole batch."""
+with DistributedDataParallel, with FSDP2 ``fully_shard`` and with FSDP give the
+same gradients and final weights as one process on the whole batch, and
+``save_adapter`` of a sharded model writes the whole adapter."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lora_kernels import LoRALinear
+from lora_kernels import LoRALinear, save_adapter
 
 WORLD_SIZE = 2
 BATCH, IN, HIDDEN, OUT = 8, 16, 24, 8
@@ -93,6 +94,40 @@ def _run_fsdp2(rank: int) -> dict:
     return result
 
 
+def _run_fsdp2_and_save(rank: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    x, y = make_data()
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    for layer in model:
+        if isinstance(layer, LoRALinear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    train(model, _local_rows(x, rank), _local_rows(y, rank))
+    save_adapter(model, f"{out_dir}/fsdp2_adapter")
+
+
+def _run_fsdp1_and_save(rank: int, out_dir: str) -> None:
+    """FSDP (use_orig_params, as a frozen base needs) trained, then its adapter
+    saved from every rank, as Trainer's callback does."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    x, y = make_data()
+    model = FullyShardedDataParallel(
+        make_model(), device_id=torch.device("cpu"), use_orig_params=True
+    )
+    # train()'s gradient record reads every parameter's grad, which FSDP keeps
+    # only for the parameters a rank owns: the same SGD steps without it.
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(_local_rows(x, rank)), _local_rows(y, rank)).backward()
+        optimizer.step()
+    save_adapter(model, f"{out_dir}/fsdp1_adapter")
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -105,6 +140,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results["fsdp2"] = _run_fsdp2(rank)
         except Exception:
             results["fsdp2_error"] = traceback.format_exc()
+        dist.barrier()
+        for name, run in (("fsdp2_save", _run_fsdp2_and_save), ("fsdp1_save", _run_fsdp1_and_save)):
+            try:
+                run(rank, out_dir)
+            except Exception:
+                results[f"{name}_error"] = traceback.format_exc()
+            dist.barrier()
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -138,7 +180,9 @@ def distributed_results(tmp_path_factory) -> list[dict]:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"distributed workers did not finish within {DEADLINE_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    results = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    results[0]["out_dir"] = out_dir
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +216,21 @@ def test_fsdp2_matches_one_process(distributed_results, single_process):
         assert all(rank_results["fsdp2"]["sharded"].values())
         assert_same(rank_results["fsdp2"]["grads"], single_process["grads"])
         assert_same(rank_results["fsdp2"]["weights"], single_process["weights"])
+
+
+@pytest.mark.parametrize("wrapper", ["fsdp2", "fsdp1"])
+def test_sharded_models_save_the_whole_adapter(distributed_results, single_process, wrapper):
+    # Each rank holds a shard of every adapter weight; save_adapter, called on
+    # every rank, gathers them and the first rank writes the whole tensors.
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    for rank_results in distributed_results:
+        error = rank_results.get(f"{wrapper}_save_error")
+        assert error is None, f"{wrapper} save_adapter failed:\n{error}"
+    directory = distributed_results[0]["out_dir"] / f"{wrapper}_adapter"
+    saved = safetensors_torch.load_file(directory / "adapter_model.safetensors")
+    expected = {
+        f"base_model.model.{name}": weight
+        for name, weight in single_process["weights"].items()
+        if ".lora_" in name
+    }
+    assert_same(saved, expected)

@@ -361,3 +361,19 @@ def test_trainable_parameters_of_nf4_layers_count_their_weights():
     dense = inject_lora(TinyNet(d=64), ["q_proj", "v_proj"], r=4)
     quantized = inject_lora(TinyNet(d=64), ["q_proj", "v_proj"], r=4, quantize="nf4")
     assert trainable_parameters(quantized) == trainable_parameters(dense)
+
+
+def test_conv1d_subclasses_with_their_own_forward_are_not_targets():
+    # Wrapping one would drop its own computation, as for an nn.Linear subclass.
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Doubled(Conv1D):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Doubled(8, 16))
+    with pytest.raises(TypeError, match="target module '0' is a Doubled"):
+        inject_lora(model, ["0"], r=2)
+    with pytest.raises(TypeError, match="linear must be"):
+        LoRALinear.from_linear(model[0], r=2)

@@ -452,3 +452,51 @@ def test_peft_layers_that_do_not_fuse_are_reported(fused_calls):
     assert "an embedding LoRA layer" in message and "base_model.model.0" in message
     model(torch.randint(0, 10, (3,)))
     assert len(fused_calls) == 1
+
+
+def test_data_parallel_replicas_report_a_fallback_once(three_models, monkeypatch):
+    # DataParallel rebuilds its replicas every step: they share what was reported.
+    _, patched, _ = three_models
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    patched.get_submodule(name).lora_B["default"].register_forward_hook(lambda *args: None)
+    batch = token_batch()
+    reports = []
+    for _ in range(3):
+        replica = replicate_on_cpu(patched, monkeypatch)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logits(replica, batch)
+        reports += [w for w in caught if issubclass(w.category, PeftFallbackWarning)]
+    assert len(reports) == 1 and name in str(reports[0].message)
+
+
+def test_patched_layer_casts_the_base_weight_once_under_autocast(three_models):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, patched, _ = three_models
+    layer = patched.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    weight = layer.base_layer.weight
+
+    class CountWeightCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == weight.shape:
+                CountWeightCasts.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, weight.shape[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16), CountWeightCasts():
+        layer(x)
+    assert CountWeightCasts.casts == 1
+
+
+def test_accelerate_hook_added_after_patching_keeps_the_layer_fused(three_models, fused_calls):
+    hooks = pytest.importorskip("accelerate.hooks")
+    _, patched, _ = three_models
+    layer = patched.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    hooks.add_hook_to_module(layer, hooks.ModelHook())  # an instance forward around the class's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PeftFallbackWarning)
+        layer(torch.randn(2, layer.in_features))
+    assert len(fused_calls) == 1

@@ -434,3 +434,24 @@ def test_standard_qlora_recipe_runs_fused(tmp_path, monkeypatch):
     for key, grad in grads.items():
         scale = ref_grads[key].abs().max()
         assert (grad - ref_grads[key]).abs().max() <= 0.05 * scale, key
+
+
+def test_a_hooked_call_does_not_break_the_layer_on_bitsandbytes_cpu_eval():
+    # A hook on base_layer makes the call go through bitsandbytes' own forward,
+    # which in CPU eval mode may repack the weight out of the NF4 layout; the
+    # layer then keeps working, unfused, saying why.
+    layer4 = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type="nf4").to("cpu")
+    layer = LoRALinear.from_linear(layer4, r=4, init_lora_weights=False).eval()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = layer(x)
+        handle = layer.base_layer.register_forward_hook(lambda *args: None)
+        with pytest.warns(lora_kernels.UnfusedWarning, match="forward hooks are registered"):
+            hooked = layer(x)
+        handle.remove()
+        after = layer(x)
+    repacked = getattr(layer4.weight.quant_state, "packing_format_for_cpu", False)
+    for y in (hooked, after):
+        # bitsandbytes' CPU kernel rounds differently from the dequantized GEMM.
+        torch.testing.assert_close(y, before, rtol=3e-2, atol=3e-2)
+    assert repacked or torch.equal(after, before)
