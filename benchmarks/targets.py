@@ -1,41 +1,20 @@
-"""The GPU performance targets, checked on a stored benchmark run.
+"""The performance targets, checked on a stored benchmark run.
 
-    python -m benchmarks.targets                       # the latest CUDA run in benchmarks/results/
-    python -m benchmarks.targets --input out/bench/results.jsonl --run RUN_ID
-
-Targets, for every fused backend (``lora_kernels:<backend>``), fp16/bf16:
-
-* overhead over the frozen base measured in the same run: forward ≤ 1.03× the
-  base forward and forward+backward ≤ 1.06× the base forward+backward at
-  M ≥ 2048, both ≤ 1.15× at M = 512 (dropout 0 and 0.1, every shape and rank);
-* at the anchor shape (M = 8192, 4096→4096, r = 16, dropout 0.1, a training
-  step): ≥ 1.35× faster than peft with adapters in the layer's dtype, ≥ 2.2×
-  than peft's default fp32 adapters (``peft-default``), ≥ 1.6× than
-  ``torch.compile`` of the naive module.
-
-QLoRA (NF4 bases, ``--preset qlora``), bf16:
-
-* the training step at M = 8192, 4096→4096 and 4096→14336, r = 16, dropout
-  0.1: ≥ 1.3× faster than peft on bitsandbytes' Linear4bit, ≤ 1.08× the same
-  backend's step on the dense bf16 base, and a peak memory below peft's;
-* a forward of ≤ 16 tokens (with and without autograd): ≥ 2× faster than
-  bitsandbytes' ``matmul_4bit`` alone (``base``).
-
-Prints one line per target with the measured ratio and whether it is met,
-then the count of met targets per backend. A target whose peer was not
-measured in the run (missing row, skipped or failed provider) is listed as
-"not measured", never as met.
+One line per target with the measured ratio and whether it is met, then the
+count of met targets per backend; benchmarks/README.md ("Targets") lists them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .cases import FORWARD, FORWARD_BACKWARD, INFERENCE
-from .report import JSONL_NAME, OK, RESULTS_DIR, Row, describe, load_runs
+from .report import JSONL_NAME, OK, RESULTS_DIR, Row, describe, stored_runs
 
 LORA_KERNELS_PREFIX = "lora_kernels:"
 FORWARD_LIMIT = 1.03
@@ -88,7 +67,7 @@ def _ratio_check(backend: str, label: str, value: float | None, limit: float, at
 
 
 def qlora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
-    """The QLoRA targets of one fused backend (see the module docstring)."""
+    """The QLoRA targets of one fused backend (see benchmarks/README.md, "Targets")."""
     backend = provider.removeprefix(LORA_KERNELS_PREFIX)
     medians, peaks = _medians(rows), _peaks(rows)
     groups = {r.group: r for r in rows if r.quant == "nf4" and r.adapter_dtype == r.dtype}
@@ -201,28 +180,37 @@ def format_checks(checks: Sequence[Check]) -> str:
     return "\n".join(lines) if lines else "no fp16/bf16 rows of a fused backend in this run"
 
 
-def main(argv: Sequence[str] | None = None) -> list[Check]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.targets", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--input", default=str(RESULTS_DIR / JSONL_NAME))
     parser.add_argument("--run", help="a run_id (default: the latest CUDA run, else the latest)")
-    args = parser.parse_args(argv)
-    runs = load_runs(args.input)
-    if args.run:
-        selected = [run for run in runs if run[0]["run_id"] == args.run]
-    else:
-        # The latest CUDA run, with every run of the same commit on the same GPU
-        # (scripts/gpu_check.sh runs the preset one shape at a time).
-        cuda = [run for run in runs if run[0]["device"] == "cuda"] or runs
-        if cuda:
-            last = cuda[-1][0]
-            same = ("device_model", "git_commit")
-            selected = [run for run in cuda if all(run[0][k] == last[k] for k in same)]
-        else:
-            selected = []
+    return parser
+
+
+def select_runs(
+    runs: Sequence[tuple[dict, list[Row]]], run_id: str | None = None
+) -> list[tuple[dict, list[Row]]]:
+    """The run ``run_id``; else the latest CUDA run (else the latest run) with every
+    run of the same commit on the same device model (scripts/gpu_check.sh runs the
+    preset one shape at a time)."""
+    if run_id:
+        return [run for run in runs if run[0]["run_id"] == run_id]
+    runs = [run for run in runs if run[0]["device"] == "cuda"] or runs
+    if not runs:
+        return []
+    last = runs[-1][0]
+    same = ("device_model", "git_commit")
+    return [run for run in runs if all(run[0][k] == last[k] for k in same)]
+
+
+def print_checks(path: Path, run_id: str | None = None) -> list[Check]:
+    """Print and return the checks of the runs ``select_runs`` picks from ``path``;
+    a LookupError when there is none."""
+    selected = select_runs(stored_runs(path), run_id)
     if not selected:
-        raise SystemExit(f"no run {args.run!r} in {args.input}" if args.run else "no runs")
+        raise LookupError(f"no run {run_id!r} in {path}" if run_id else f"no runs in {path}")
     meta = selected[-1][0]
     rows = [row for _, run_rows in selected for row in run_rows]  # later runs win
     print(describe(meta))
@@ -231,5 +219,16 @@ def main(argv: Sequence[str] | None = None) -> list[Check]:
     return checks
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0 (met or not: a report, not a gate), 1 without a run."""
+    args = build_parser().parse_args(argv)
+    try:
+        print_checks(Path(args.input), args.run)
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

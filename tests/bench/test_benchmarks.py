@@ -1,6 +1,7 @@
 """The benchmark suite's own logic: flop formula, saved-bytes counter,
-provider validation (it must catch wrong providers), the runner and its
-result files. Tiny shapes, no timing assertions."""
+provider validation (it must catch wrong providers), the runner, its result
+files, the targets checker and the command lines' exit statuses. Tiny shapes,
+no timing assertions."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from benchmarks.providers import (
     select_providers,
 )
 from benchmarks.run import Runner, build_parser, grid_from_args, make_task
+from benchmarks.run import main as run_main
 from benchmarks.timing import CpuTimingBudget
 from benchmarks.validation import Reference, validate
 
@@ -370,7 +372,7 @@ def test_results_round_trip_and_plots(tmp_path):
     assert loaded_rows == rows and loaded_meta["run_id"] == meta["run_id"]
     assert "torch-naive" in report.format_table(rows)
     assert report.format_markdown(rows).count("| base |") == 5
-    paths = plot.main(["--input", str(jsonl_path), "--output-dir", str(tmp_path)])
+    paths = plot.run(["--input", str(jsonl_path), "--output-dir", str(tmp_path)])
     assert {p.name for p in paths} >= {"cpu_fp32_speedup_forward.png", "cpu_fp32_saved_memory.png"}
     assert all(p.stat().st_size > 0 for p in paths)
 
@@ -532,3 +534,23 @@ def test_targets_qlora():
     assert small.measured == pytest.approx(1.6) and not small.met
     # NF4 rows are held to QLoRA's targets only, not to the dense base's.
     assert not any("÷ base" in t and "M=8192 r=16 bf16, nf4" in t for t in checks)
+
+
+def test_cli_exit_statuses(tmp_path, capsys):
+    rows = _tiny_run(providers=("base", "lora_kernels:torch"))
+    _, jsonl_path = report.save(
+        rows, report.run_metadata(torch.device("cpu"), "test", []), tmp_path
+    )
+    missing = str(tmp_path / "missing.jsonl")
+    tiny = ["--shapes", "40x24", "--tokens", "16", "--ranks", "3", "--dtypes", "fp32"]
+    tiny += ["--providers", "base", "--modes", "forward", "--dropout", "0", "--cpu-seconds", "0"]
+    assert run_main(["--device", "cpu", *tiny, "--no-save", "--no-progress"]) == 0
+    assert report.main(["--input", str(jsonl_path)]) == 0
+    assert report.main(["--input", missing]) == 1
+    assert report.main(["--input", str(jsonl_path), "--run", "nope"]) == 1
+    assert targets.main(["--input", str(jsonl_path)]) == 0
+    assert targets.main(["--input", missing]) == 1
+    out = str(tmp_path / "plots")
+    assert plot.main(["--input", str(jsonl_path), "--output-dir", out]) == 0
+    assert plot.main(["--input", missing]) == 1
+    assert "does not exist" in capsys.readouterr().err
