@@ -30,6 +30,17 @@ QLORA_STEP_OVER_PEFT = 1.3
 QLORA_STEP_OVER_DENSE = 1.08
 QLORA_SMALL_BATCH = 16
 QLORA_SMALL_BATCH_OVER_BASE = 2.0
+# The cpu backend (``--preset cpu-targets``): a training step at dropout 0.1.
+CPU_STEP = {
+    "in_features": 2048,
+    "out_features": 2048,
+    "tokens": 4096,
+    "rank": 16,
+    "dropout": 0.1,
+    "dtype": "fp32",
+}
+CPU_STEP_OVER_PEFT = 1.3
+CPU_STEP_OVER_BASE = 1.10
 
 
 @dataclass
@@ -118,6 +129,62 @@ def qlora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
     return checks
 
 
+def saved_bytes_budget(row: Row) -> int:
+    """What the cpu backend may save for backward beyond x: M·r·4 + M·K/8 bytes
+    (S in fp32, and the dropout mask as bits)."""
+    return row.tokens * row.rank * 4 + row.tokens * row.in_features // 8
+
+
+def cpu_checks(rows: Sequence[Row], provider: str) -> list[Check]:
+    """The CPU targets of the cpu backend (see benchmarks/README.md, "Targets")."""
+    backend = provider.removeprefix(LORA_KERNELS_PREFIX)
+    medians = _medians(rows)
+    saved = {
+        (r.group, r.provider): r.saved_bytes
+        for r in rows
+        if r.status == OK and r.saved_bytes is not None
+    }
+    checks = []
+    for group, row in {r.group: r for r in rows}.items():
+        if not (
+            row.mode == FORWARD_BACKWARD
+            and row.quant == "none"
+            and row.adapter_dtype == row.dtype
+            and all(getattr(row, k) == v for k, v in CPU_STEP.items())
+        ):
+            continue
+        shape = f"{row.in_features}→{row.out_features} M={row.tokens} r={row.rank} {row.dtype}"
+        ours = medians.get((group, provider))
+        peft, base = medians.get((group, "peft")), medians.get((group, "base"))
+        checks += [
+            _ratio_check(
+                backend,
+                f"CPU step × peft ≥ {CPU_STEP_OVER_PEFT:g}: {shape} p={row.dropout:g}",
+                peft / ours if ours and peft else None,
+                CPU_STEP_OVER_PEFT,
+                at_least=True,
+            ),
+            _ratio_check(
+                backend,
+                f"CPU step ÷ base ≤ {CPU_STEP_OVER_BASE:.2f}: {shape} p={row.dropout:g}",
+                ours / base if ours and base else None,
+                CPU_STEP_OVER_BASE,
+                at_least=False,
+            ),
+        ]
+        ours_saved = saved.get((group, provider))
+        checks.append(
+            _ratio_check(
+                backend,
+                f"CPU saved bytes ÷ (M·r·4 + M·K/8) ≤ 1: {shape}",
+                None if ours_saved is None else ours_saved / saved_bytes_budget(row),
+                1.0,
+                at_least=False,
+            )
+        )
+    return checks
+
+
 def check(rows: Sequence[Row]) -> list[Check]:
     """Every target that applies to the rows' problems, per fused backend."""
     medians = _medians(rows)
@@ -165,6 +232,8 @@ def check(rows: Sequence[Row]) -> list[Check]:
                     Check(backend, label, speedup, speedup is not None and speedup >= minimum)
                 )
         checks += qlora_checks(rows, provider)
+        if backend == "cpu":
+            checks += cpu_checks(rows, provider)
     return checks
 
 
@@ -186,18 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", default=str(RESULTS_DIR / JSONL_NAME))
     parser.add_argument("--run", help="a run_id (default: the latest CUDA run, else the latest)")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="without --run: the latest run of this device"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit status 1 unless every target is met"
+    )
     return parser
 
 
 def select_runs(
-    runs: Sequence[tuple[dict, list[Row]]], run_id: str | None = None
+    runs: Sequence[tuple[dict, list[Row]]], run_id: str | None = None, device: str | None = None
 ) -> list[tuple[dict, list[Row]]]:
-    """The run ``run_id``; else the latest CUDA run (else the latest run) with every
-    run of the same commit on the same device model (scripts/gpu_check.sh runs the
-    preset one shape at a time)."""
+    """The run ``run_id``; else the latest run (of ``device``; by default the latest CUDA
+    run, else the latest) with every run of the same commit on the same device model
+    (scripts/gpu_check.sh runs the preset one shape at a time)."""
     if run_id:
         return [run for run in runs if run[0]["run_id"] == run_id]
-    runs = [run for run in runs if run[0]["device"] == "cuda"] or runs
+    if device:
+        runs = [run for run in runs if run[0]["device"] == device]
+    else:
+        runs = [run for run in runs if run[0]["device"] == "cuda"] or runs
     if not runs:
         return []
     last = runs[-1][0]
@@ -205,12 +283,13 @@ def select_runs(
     return [run for run in runs if all(run[0][k] == last[k] for k in same)]
 
 
-def print_checks(path: Path, run_id: str | None = None) -> list[Check]:
+def print_checks(path: Path, run_id: str | None = None, device: str | None = None) -> list[Check]:
     """Print and return the checks of the runs ``select_runs`` picks from ``path``;
     a LookupError when there is none."""
-    selected = select_runs(stored_runs(path), run_id)
+    selected = select_runs(stored_runs(path), run_id, device)
     if not selected:
-        raise LookupError(f"no run {run_id!r} in {path}" if run_id else f"no runs in {path}")
+        wanted = f"run {run_id!r}" if run_id else f"{device or 'any'} run"
+        raise LookupError(f"no {wanted} in {path}")
     meta = selected[-1][0]
     rows = [row for _, run_rows in selected for row in run_rows]  # later runs win
     print(describe(meta))
@@ -220,14 +299,14 @@ def print_checks(path: Path, run_id: str | None = None) -> list[Check]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status 0 (met or not: a report, not a gate), 1 without a run."""
+    """Exit status 0 (with --check: only when every target is met), 1 without a run."""
     args = build_parser().parse_args(argv)
     try:
-        print_checks(Path(args.input), args.run)
+        checks = print_checks(Path(args.input), args.run, args.device)
     except LookupError as exc:
         print(exc, file=sys.stderr)
         return 1
-    return 0
+    return 1 if args.check and not (checks and all(c.met for c in checks)) else 0
 
 
 if __name__ == "__main__":
