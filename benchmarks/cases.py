@@ -198,6 +198,19 @@ PRESETS: dict[str, Grid] = {
         modes=(FORWARD, FORWARD_BACKWARD),
         providers=("base", "peft", "peft-default", "torch-compile", "lora_kernels"),
     ),
+    # The cpu backend's targets (benchmarks/targets.py): a training step at
+    # M=4096, 2048→2048, r=16, fp32 against peft and the frozen base (with its
+    # bias, as nn.Linear has one); dropout 0 is reported beside it, with no target.
+    "cpu-targets": Grid(
+        shapes=((2048, 2048),),
+        tokens=(4096,),
+        ranks=(16,),
+        dtypes=(torch.float32,),
+        dropouts=(0.0, 0.1),
+        modes=(FORWARD_BACKWARD,),
+        providers=("base", "peft", "lora_kernels"),
+        bias=True,
+    ),
     # Everything, for a GPU: every Llama-3-8B projection, tokens, rank, mode
     # and adapter dtype.
     "full": Grid(

@@ -1,62 +1,13 @@
-"""First-call latency: how long a user waits on the first forward+backward of
-a ``LoRALinear`` on a new shape, compilation included.
-
-    python -m benchmarks.first_call                          # fused backends of the default device
-    python -m benchmarks.first_call --backends triton --tokens 2048 4096 --autotune
-    python -m benchmarks.first_call --device cpu --dtype fp32 --tokens 512 \\
-        --in-features 1024 --out-features 1024 --json first_call.json
-
-Target: the first forward+backward on a new shape within 5 s, compilation
-included, and no recompilation when only the token count M changes (training
-with varying sequence lengths).
-
-What is measured. Each (backend, shape) runs in a fresh Python process, so
-nothing compiled or initialised by an earlier measurement is reused, with an
-empty temporary ``TRITON_CACHE_DIR``: the Triton backend compiles its kernels
-on first use and caches them on disk there, so with a warm cache the first
-call only loads binaries and hides the cost a user pays on a new machine, a
-new Triton version or a new shape. The child process times
-
-* **import**: ``import torch`` and ``import lora_kernels`` (which imports
-  triton where the Triton backend can run); the OS file cache is not
-  controlled, so this is a warm-disk figure;
-* **first call**: the first ``layer(x).backward(dy)`` at M tokens, with
-  everything that happens on first use: Triton compilation (and building
-  Triton's launcher stubs with the host C compiler), cuBLAS and the CUDA
-  caching allocator warming up;
-* **second call**: the same shape again, the steady-state cost;
-* **new-M first call**: the first call at another token count, M·3/4 + 5. It
-  stays in M's power-of-two bucket (the M of the autotuning key) for most M,
-  but is not a multiple of 16, and Triton specialises integer arguments on
-  divisibility by 16: a compile here shows as a call far above the second;
-* **another-M call**: a further token count in the same bucket *and* the same
-  residue mod 16 as the new M, so it shares every specialisation of the
-  previous call and must cost about a normal call.
-
-After each timed call the child also counts the entries of the Triton cache
-directory: how many kernels (and launcher stubs) that call compiled, a
-deterministic signal beside the timings. The CPU and CUDA backends are
-prebuilt C++/CUDA code and compile nothing.
-
-The child's environment is explicit: ``TRITON_INTERPRET`` is removed except
-for the Triton backend on the CPU (which only runs there interpreted, when it
-is named in ``--backends``: interpreted timings say nothing about compiled
-kernels), and ``LORA_KERNELS_AUTOTUNE`` is removed unless ``--autotune`` sets
-it to 1 (autotuning times every candidate tile on first use of a bucket, so
-the first call costs far more).
-
-The exit status is 0 when every measurement ran, whether or not the target
-was met (this is a measurement, not a gate), and 1 when a child process
-failed or a backend named in ``--backends`` cannot run on the device.
+"""First-call latency: the first forward+backward of a ``LoRALinear`` on a new
+shape, compilation included, each measurement in a fresh process with an empty
+Triton cache. Target: within 5 s, and no recompilation when only the token count
+changes. How to read it: benchmarks/README.md, "First call".
 """
 
 from __future__ import annotations
 
-# Only the standard library at module level: the child process loads this
-# file to run ``child_main``, and must import torch inside its own timer.
 import argparse
 import datetime as dt
-import importlib.metadata
 import importlib.util
 import itertools
 import json
@@ -71,14 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import _cli, _first_call_child
+from ._first_call_child import AUTOTUNE_ENV, CACHE_ENV, INTERPRET_ENV
+
 TARGET_S = 5.0
-DTYPES = ("fp32", "fp16", "bf16")
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 # The fused backends, by the kind of device they serve ("torch" is the reference).
 FUSED_BY_DEVICE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
-INTERPRET_ENV = "TRITON_INTERPRET"
-AUTOTUNE_ENV = "LORA_KERNELS_AUTOTUNE"
-CACHE_ENV = "TRITON_CACHE_DIR"
 # Lines of a failed child's stderr shown to the user.
 STDERR_TAIL_LINES = 30
 # Triton specialises integer kernel arguments on divisibility by this.
@@ -168,136 +120,15 @@ def device_type(device: str) -> str:
 # --------------------------------------------------------------------------- child process
 
 
-def _count_entries(directory: str | None) -> int:
-    # Triton keeps one directory per compiled kernel (or launcher stub) in its cache.
-    if not directory or not os.path.isdir(directory):
-        return 0
-    return len(os.listdir(directory))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine()
-
-
-def child_main(config_json: str) -> None:
-    """Run one measurement (in a fresh process) and print it as one JSON line."""
-    config = json.loads(config_json)
-    cache_dir = os.environ.get(CACHE_ENV)
-    entries_at_start = _count_entries(cache_dir)
-
-    start = time.perf_counter()
-    import torch
-
-    torch_done = time.perf_counter()
-    import lora_kernels
-
-    import_done = time.perf_counter()
-
-    device = torch.device(config["device"])
-    backend = config["backend"]
-    if backend not in lora_kernels.available_backends(device):
-        # Private, but the only place that says why; the check above is the public one.
-        try:
-            from lora_kernels.ops.registry import get_backend
-
-            reason = get_backend(backend).unavailable(device)
-        except Exception as exc:  # a reason is a nicety, not worth failing over
-            reason = f"({type(exc).__name__}: {exc})"
-        print(json.dumps({"unavailable": reason or "not listed by available_backends"}))
-        return
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config["dtype"]]
-    on_cuda = device.type == "cuda"
-
-    def sync() -> None:
-        # Kernels run asynchronously on a GPU: time to their completion.
-        if on_cuda:
-            torch.cuda.synchronize(device)
-
-    torch.manual_seed(0)
-    k, n = config["in_features"], config["out_features"]
-    layer_start = time.perf_counter()
-    layer = lora_kernels.LoRALinear(
-        k,
-        n,
-        r=config["rank"],
-        lora_dropout=config["dropout"],
-        backend=backend,
-        init_lora_weights=False,  # random A and B: the LoRA branch does real work
-        device=device,
-        dtype=dtype,
-    )
-    sync()
-    build_s = time.perf_counter() - layer_start
-
-    def timed_call(m: int) -> tuple[float, int]:
-        """Seconds of one forward+backward at m tokens, and the cache entries it added."""
-        # x requires grad, as the activations of every layer but the first do,
-        # so the backward runs (and compiles) the dx kernels too.
-        x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
-        dy = torch.randn(m, n, device=device, dtype=dtype)
-        layer.zero_grad(set_to_none=True)
-        sync()
-        before = _count_entries(cache_dir)
-        t0 = time.perf_counter()
-        layer(x).backward(dy)
-        sync()
-        seconds = time.perf_counter() - t0
-        return seconds, _count_entries(cache_dir) - before
-
-    first_s, first_new = timed_call(config["tokens"])
-    second_s, second_new = timed_call(config["tokens"])
-    new_m_s, new_m_new = timed_call(config["new_tokens"])
-    another_s: float | None = None
-    another_new: int | None = None
-    if config["another_tokens"] is not None:
-        another_s, another_new = timed_call(config["another_tokens"])
-
-    try:  # metadata, not ``import triton``: off the GPU triton is not loaded, nor needed
-        triton_version: str | None = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
-    result = {
-        "import_torch_s": torch_done - start,
-        "import_lora_kernels_s": import_done - torch_done,
-        "import_s": import_done - start,
-        "build_s": build_s,
-        "first_call_s": first_s,
-        "second_call_s": second_s,
-        "new_m_first_call_s": new_m_s,
-        "another_m_call_s": another_s,
-        "cache_entries_at_start": entries_at_start,
-        "compiled_first_call": first_new,
-        "compiled_second_call": second_new,
-        "compiled_new_m": new_m_new,
-        "compiled_another_m": another_new,
-        "triton_interpret": os.environ.get(INTERPRET_ENV) == "1",
-        "autotune_env": os.environ.get(AUTOTUNE_ENV),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "lora_kernels": lora_kernels.__version__,
-        "device_name": torch.cuda.get_device_name(device) if on_cuda else _cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    print(json.dumps(result), flush=True)
-
-
 def _child_code() -> str:
-    # Load this very file by path rather than ``import benchmarks.first_call``:
+    # Load the child's file by path rather than ``import benchmarks._first_call_child``:
     # the package __init__ may import more (torch included) before the timer.
-    path = str(Path(__file__).resolve())
+    path = str(Path(_first_call_child.__file__).resolve())
     return (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('_lora_first_call_child', {path!r})\n"
         "module = importlib.util.module_from_spec(spec)\n"
-        "sys.modules[spec.name] = module  # dataclasses look their module up here\n"
+        "sys.modules[spec.name] = module\n"
         "spec.loader.exec_module(module)\n"
         "module.child_main(sys.argv[1])\n"
     )
@@ -378,6 +209,8 @@ def run_case(case: Case, timeout_s: float) -> dict[str, Any]:
         raise ChildError(why, _tail(proc.stderr or proc.stdout))
     if "unavailable" in result:
         raise BackendUnavailable(str(result["unavailable"]))
+    if result["device_name"] is None:
+        result["device_name"] = _cli.cpu_model()
     target_met = None if case.interpreted else result["first_call_s"] <= TARGET_S
     return {
         **asdict(case),
@@ -448,28 +281,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                 verdict(row),
             )
         )
-    widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in (header,)]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in body]
-    return "\n".join(line.rstrip() for line in lines)
+    return _cli.format_table(header, body, align="l")
 
 
 # --------------------------------------------------------------------------- parent: CLI
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _dropout(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"dropout must be in [0, 1), got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -501,18 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
             "triton on the CPU only when named here, as it runs interpreted there)"
         ),
     )
-    parser.add_argument("--tokens", nargs="+", type=_positive_int, default=[8192], help="M")
-    parser.add_argument("--in-features", nargs="+", type=_positive_int, default=[4096], help="K")
-    parser.add_argument("--out-features", nargs="+", type=_positive_int, default=[4096], help="N")
-    parser.add_argument("--rank", nargs="+", type=_positive_int, default=[16], help="LoRA rank r")
-    parser.add_argument(
-        "--dtype",
-        nargs="+",
-        choices=DTYPES,
-        default=None,
-        help="input and weight dtype (default: bf16 on cuda, fp32 on cpu)",
+    _cli.add_problem_flags(
+        parser,
+        several=True,
+        dtype=None,
+        dtype_default="bf16 on cuda, fp32 on cpu",
+        adapter_dtypes=None,
+        quant=False,
+        bias=False,
     )
-    parser.add_argument("--dropout", nargs="+", type=_dropout, default=[0.1], help="LoRA dropout")
     parser.add_argument(
         "--autotune",
         action="store_true",
@@ -529,8 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_device() -> str:
-    import torch  # here, not at module level: the child must time its own import
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
-from .report import JSONL_NAME, RESULTS_DIR, Row, describe, format_bytes, load_runs
+from .report import JSONL_NAME, RESULTS_DIR, Row, describe, format_bytes, stored_runs
 
 # One line style and marker per dropout value (markers tell them apart at a single token count).
 LINESTYLES = ("-", "--", ":", "-.")
@@ -175,7 +176,9 @@ def plot_run(meta: dict, all_rows: Sequence[Row], output_dir: Path) -> list[Path
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> list[Path]:
+def run(argv: Sequence[str] | None = None) -> list[Path]:
+    """Parse ``argv`` and draw the selected runs; the paths written. A LookupError
+    when the input holds no such run."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.plot", description=__doc__.split("\n")[0]
     )
@@ -183,13 +186,11 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--run", help="a run_id (default: the latest run of each device)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    if not args.input.exists():
-        raise SystemExit(f"{args.input} does not exist: run `python -m benchmarks.run` first")
-    runs = load_runs(args.input)
+    runs = stored_runs(args.input)
     if args.run:
         selected = [run for run in runs if run[0]["run_id"] == args.run][-1:]
         if not selected:
-            raise SystemExit(f"no run {args.run!r} in {args.input}")
+            raise LookupError(f"no run {args.run!r} in {args.input}")
     else:
         latest = {meta["device"]: (meta, rows) for meta, rows in runs}
         selected = list(latest.values())
@@ -201,5 +202,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     return paths
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run(argv)
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

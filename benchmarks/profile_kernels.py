@@ -1,65 +1,6 @@
-"""Profile one LoRA training step kernel by kernel, provider by provider.
-
-    python -m benchmarks.profile_kernels                  # 4096→4096 M=8192 r=16 bf16 p=0.1, cuda
-    python -m benchmarks.profile_kernels --device cpu --tokens 512 --in-features 1024 \\
-        --out-features 1024 --dtype fp32 --providers base peft lora_kernels
-    python -m benchmarks.profile_kernels --providers lora_kernels:triton lora_kernels:cuda \\
-        --adapter-dtype fp32 --out profiles/ --trace
-
-Where ``benchmarks.run`` says how long a step takes, this says where the time
-goes. For one problem, each provider is built on the suite's tensors (as
-``benchmarks.run`` builds it, but not validated: run the suite for that), and
-one training step -- forward and backward of the layer, gradients for x, A
-and B, reset to None before each step -- is
-
-1. warmed up (2 steps: autotuning, compilation, lazy init happen here);
-2. timed without the profiler: the median of ``--timing-steps`` steps, each
-   bracketed by ``torch.cuda.synchronize()`` on a GPU -- the *step time*;
-3. run under ``torch.profiler`` for ``--steps`` steps (after one discarded
-   profiler warm-up step, which absorbs the profiler's own start-up cost),
-   and the events are summed per kernel and divided by the step count.
-
-Reading a block. The header gives the step time (unprofiled), the profiled
-step time (the difference is the profiler's overhead: large when a step is
-many small calls), and how much of the step the table accounts for.
-
-* CUDA: one row per device kernel (and memcpy/memset), by GPU time. The
-  total is the time the GPU was busy; well below the step time means the
-  step is launch/host bound -- the GPU waits for the CPU to issue work.
-  *Kernel launches per step* counts device kernels (memcpy/memset excluded);
-  the header adds the host-side launch API calls (``cudaLaunchKernel``,
-  ``cuLaunchKernel``, ...) and the CPU time spent in them, the cost a fused
-  layer saves by launching fewer kernels.
-* CPU: one row per operator (``aten::*``, the registered ``lora_kernels::*``
-  ops, autograd nodes), by *self* CPU time -- time in the op minus the ops it
-  calls -- so the rows partition the profiled time without double counting.
-  A custom op with an autograd formula shows up as two rows: the op itself
-  (``lora_kernels::lora_forward``: dispatch only) and its autograd kernel,
-  ``GeneratedBackwardFor_lora_kernels_lora_forward_default``, inside which the
-  op's own kernel runs without an event of its own -- so *that* row's self
-  time is the fused forward's work outside the aten ops it calls. The
-  ``..._defaultBackward`` row is the backward node, which calls
-  ``lora_kernels::lora_backward``; ``autograd engine:`` rows are the engine's
-  overhead per node. The total is compared with the *profiled* step
-  (self times include the profiler's per-op overhead); the rest is Python
-  time outside any op. A backend that calls ops from its worker threads (the
-  ``cpu`` backend tiles with ``at::parallel_for``) has them summed over the
-  threads, which can exceed 100% of the step. The summary counts operator
-  calls per step.
-
-Kernel names are shortened to 60 characters (``void``, argument lists and the
-``at::native::``-style namespaces dropped, then cut in the middle); kernels
-whose shortened names coincide share a row; annotations (``ProfilerStep#N``,
-``record_function`` ranges) are not rows, as they span the kernels they time.
-``calls/step`` is fractional when a kernel does not run every step. ``share``
-is of the table's total. CPU step times mean something only on an otherwise
-idle machine: with torch's threads competing for cores a step can take many
-times longer, in the profiled and the unprofiled steps alike.
-
-``--out DIR`` writes ``DIR/profile_<provider>.txt`` (``:`` in the name becomes
-``_``) and ``DIR/profile_summary.csv`` (every kernel of every provider, share
-as a fraction); ``--trace`` adds ``DIR/trace_<provider>.json`` for
-chrome://tracing or Perfetto.
+"""Profile one LoRA training step kernel by kernel, provider by provider: where
+``benchmarks.run`` says how long a step takes, this says where the time goes.
+How to read it: benchmarks/README.md, "Per-kernel profile".
 """
 
 from __future__ import annotations
@@ -78,11 +19,11 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
+from . import _cli
 from .cases import (
     ADAPTER_DTYPES,
     DTYPES,
     FORWARD_BACKWARD,
-    QUANTS,
     LoRATensors,
     Problem,
     Setting,
@@ -336,37 +277,32 @@ def _calls(value: float) -> str:
 
 def format_table(rows: Sequence[KernelRow], top: int = TOP_ROWS) -> str:
     """The top ``top`` rows, an "other" row for the rest, and the total per step."""
-    header = f"{'kernel':<{NAME_WIDTH}}  {'calls/step':>10}  {'ms/step':>9}  {'share':>6}  {'us/call':>9}"
-    lines = [header, "-" * len(header)]
 
-    def line(name: str, calls: float, ms: float, share: float, per_call: bool = True) -> str:
-        us_per_call = f"{ms * 1e3 / calls:9.1f}" if per_call and calls else " " * 9
-        return f"{name:<{NAME_WIDTH}}  {_calls(calls):>10}  {ms:9.3f}  {share:6.1%}  {us_per_call}"
+    def cells(name: str, calls: float, ms: float, share: float, per_call: bool = True) -> list:
+        us_per_call = f"{ms * 1e3 / calls:.1f}" if per_call and calls else ""
+        return [name, _calls(calls), f"{ms:.3f}", f"{share:.1%}", us_per_call]
 
-    for row in rows[:top]:
-        lines.append(line(row.name, row.calls_per_step, row.ms_per_step, row.share))
-    rest = rows[top:]
-    if rest:
-        lines.append(
-            line(
-                f"other ({len(rest)} kernels)",
-                sum(r.calls_per_step for r in rest),
-                sum(r.ms_per_step for r in rest),
-                sum(r.share for r in rest),
-                per_call=False,
-            )
-        )
-    lines.append("-" * len(header))
-    lines.append(
-        line(
-            "total per step",
+    def summed(name: str, rows: Sequence[KernelRow]) -> list:
+        return cells(
+            name,
             sum(r.calls_per_step for r in rows),
             sum(r.ms_per_step for r in rows),
             sum(r.share for r in rows),
             per_call=False,
         )
+
+    body = [cells(r.name, r.calls_per_step, r.ms_per_step, r.share) for r in rows[:top]]
+    rest = rows[top:]
+    if rest:
+        body.append(summed(f"other ({len(rest)} kernels)", rest))
+    return _cli.format_table(
+        ("kernel", "calls/step", "ms/step", "share", "us/call"),
+        body,
+        align="lr",
+        min_widths=(NAME_WIDTH, 10, 9, 6, 9),
+        rule="line",
+        footer=[summed("total per step", rows)],
     )
-    return "\n".join(lines)
 
 
 def format_block(
@@ -405,17 +341,21 @@ def format_block(
 
 def format_summary(profiles: Sequence[ProviderProfile], device: torch.device) -> str:
     count = "launches/step" if device.type == "cuda" else "ops/step"
-    width = max([len("provider"), *(len(p.provider) for p in profiles)])
-    header = f"{'provider':<{width}}  {'step ms':>9}  {count:>13}  top kernel"
-    lines = [header, "-" * len(header)]
+    body = []
     for p in profiles:
         if p.status != OK:
-            lines.append(f"{p.provider:<{width}}  {'-':>9}  {'-':>13}  {p.status}: {p.note}")
+            body.append([p.provider, "-", "-", f"{p.status}: {p.note}"])
             continue
         calls = p.launches_per_step if device.type == "cuda" else p.total_calls
         top = f"{p.rows[0].name} ({p.rows[0].share:.0%})" if p.rows else "-"
-        lines.append(f"{p.provider:<{width}}  {p.step_ms:9.3f}  {_calls(calls):>13}  {top}")
-    return "\n".join(lines)
+        body.append([p.provider, f"{p.step_ms:.3f}", _calls(calls), top])
+    return _cli.format_table(
+        ("provider", "step ms", count, "top kernel"),
+        body,
+        align="lrrl",
+        min_widths=(0, 9, 13),
+        rule="line",
+    )
 
 
 def file_stem(provider: str) -> str:
@@ -445,11 +385,6 @@ def write_summary_csv(path: Path, profiles: Sequence[ProviderProfile]) -> None:
 # --------------------------------------------------------------------------
 
 
-def _split(values: Sequence[str]) -> tuple[str, ...]:
-    """Accept both `--providers a b` and `--providers a,b`."""
-    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.profile_kernels",
@@ -458,40 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
             "kernels (CUDA) or operators (CPU) with calls and time per step, next to the "
             "step's unprofiled wall time and, on CUDA, the kernel launches per step."
         ),
-        epilog="See the module docstring (benchmarks/profile_kernels.py) for how to read it.",
+        epilog='How to read it: benchmarks/README.md, "Per-kernel profile".',
     )
-    problem = parser.add_argument_group("problem")
-    problem.add_argument(
-        "--tokens", type=int, default=8192, metavar="M", help="rows of x (default 8192)"
-    )
-    problem.add_argument("--in-features", type=int, default=4096, metavar="K", help="default 4096")
-    problem.add_argument("--out-features", type=int, default=4096, metavar="N", help="default 4096")
-    problem.add_argument("--rank", type=int, default=16, metavar="R", help="LoRA rank (default 16)")
-    problem.add_argument(
-        "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="default bf16"
-    )
-    problem.add_argument(
-        "--adapter-dtype",
-        choices=("same", "fp32"),
-        default="same",
-        help="dtype of A and B: the layer's (default), or fp32 (peft's default for fp16/bf16 layers)",
-    )
-    problem.add_argument(
-        "--dropout", type=float, default=0.1, metavar="P", help="LoRA dropout (default 0.1)"
-    )
-    problem.add_argument("--bias", action="store_true", help="give the base layer a bias")
-    problem.add_argument(
-        "--quant",
-        choices=QUANTS,
-        default=QUANTS[0],
-        help=(
-            "base weight: dense (none, default) or NF4 (QLoRA: base is bitsandbytes' "
-            "Linear4bit, peft its 4-bit LoRA layer)"
-        ),
-    )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu"
-    )
+    _cli.add_problem_flags(parser.add_argument_group("problem"))
+    _cli.add_device_flag(parser)
     parser.add_argument(
         "--providers",
         nargs="+",
@@ -503,16 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
             "lora_kernels:<triton|cuda|cpu|torch> (default: base peft lora_kernels)"
         ),
     )
-    parser.add_argument(
-        "--steps", type=int, default=5, metavar="N", help="profiled steps, averaged (default 5)"
-    )
-    parser.add_argument(
-        "--timing-steps",
-        type=int,
-        default=10,
-        metavar="N",
-        help="unprofiled steps whose median is the step time (default 10)",
-    )
+    for flag, default, what in (
+        ("--steps", 5, "profiled steps, averaged"),
+        ("--timing-steps", 10, "unprofiled steps whose median is the step time"),
+    ):
+        parser.add_argument(
+            flag,
+            type=_cli.positive_int,
+            default=default,
+            metavar="N",
+            help=f"{what} (default {default})",
+        )
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="also write profile_<provider>.txt and a CSV here"
     )
@@ -522,25 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> list[ProviderProfile]:
+def run(argv: Sequence[str] | None = None) -> list[ProviderProfile]:
+    """Parse ``argv``, profile every provider, print (and with --out write) the results."""
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if min(args.tokens, args.in_features, args.out_features, args.rank) < 1:
-        parser.error("--tokens, --in-features, --out-features and --rank must be >= 1")
-    if min(args.steps, args.timing_steps) < 1:
-        parser.error("--steps and --timing-steps must be >= 1")
-    if not 0.0 <= args.dropout < 1.0:
-        parser.error("--dropout must be in [0, 1)")
+    args = parser.parse_args(argv)
+    device = _cli.device_from_args(parser, args)
     if args.trace and args.out is None:
         parser.error("--trace needs --out DIR")
     try:
-        providers = select_providers(_split(args.providers), device)
+        providers = select_providers(tuple(_cli.split_values(args.providers)), device)
     except ValueError as exc:
         parser.error(str(exc))
-
     dtype = DTYPES[args.dtype]
     adapter_dtype = ADAPTER_DTYPES[args.adapter_dtype]
     problem = Problem(
@@ -587,5 +485,11 @@ def main(argv: Sequence[str] | None = None) -> list[ProviderProfile]:
     return profiles
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0: every provider is reported, an error in one included."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,11 +15,14 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import _cli
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CSV_NAME = "results.csv"
@@ -171,15 +174,13 @@ def format_table(rows: Sequence[Row]) -> str:
     """Plain-text table, one block per group."""
     blocks = []
     for group_rows in _groups(rows).values():
-        cells = [TABLE_HEADER, *(_cells(r) for r in group_rows)]
-        widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_HEADER) - 1)]
-        lines = [group_title(group_rows[0])]
-        for c in cells:
-            lead = "  ".join(
-                v.ljust(w) if i == 0 else v.rjust(w)
-                for i, (v, w) in enumerate(zip(c[:-1], widths, strict=True))
-            )
-            lines.append(f"  {lead}  {c[-1]}")
+        table = _cli.format_table(
+            TABLE_HEADER,
+            map(_cells, group_rows),
+            align="l" + "r" * (len(TABLE_HEADER) - 2) + "l",
+            rule=None,
+        )
+        lines = [group_title(group_rows[0]), *(f"  {line}" for line in table.splitlines())]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -202,17 +203,6 @@ def format_markdown(rows: Sequence[Row]) -> str:
 # --------------------------------------------------------------------------
 # Metadata and files
 # --------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str:
@@ -248,7 +238,7 @@ def run_metadata(device: torch.device, preset: str, argv: Sequence[str]) -> dict
         "run_id": f"{now:%Y%m%dT%H%M%SZ}-{device.type}",
         "date": now.isoformat(timespec="seconds"),
         "device": device.type,
-        "cpu_model": _cpu_model(),
+        "cpu_model": _cli.cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # Other load on the machine slows CPU timings; recorded so a run can be judged.
@@ -341,6 +331,17 @@ def load_runs(path: Path = RESULTS_DIR / JSONL_NAME) -> list[tuple[dict, list[Ro
     return runs
 
 
+def stored_runs(path: Path) -> list[tuple[dict, list[Row]]]:
+    """Every run stored at ``path``, oldest first; a LookupError saying what to
+    do when there is none."""
+    if not path.exists():
+        raise LookupError(f"{path} does not exist: run `python -m benchmarks.run` first")
+    runs = load_runs(path)
+    if not runs:
+        raise LookupError(f"no runs in {path}")
+    return runs
+
+
 def describe(meta: dict) -> str:
     """One line naming the machine and versions of a run."""
     model = meta["device_model"]
@@ -355,7 +356,7 @@ def describe(meta: dict) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.report", description="Print a stored benchmark run."
     )
@@ -363,24 +364,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run", default="latest", help="a run_id, or 'latest' (default)")
     parser.add_argument("--markdown", action="store_true", help="markdown tables (for the README)")
     args = parser.parse_args(argv)
-    if not args.input.exists():
-        raise SystemExit(f"{args.input} does not exist: run `python -m benchmarks.run` first")
-    runs = load_runs(args.input)
-    if not runs:
-        raise SystemExit(f"no runs in {args.input}")
+    try:
+        runs = stored_runs(args.input)
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     if args.run == "latest":
         meta, rows = runs[-1]
     else:
         matches = [run for run in runs if run[0]["run_id"] == args.run]
         if not matches:
-            raise SystemExit(
-                f"no run {args.run!r} in {args.input}; have {[m['run_id'] for m, _ in runs]}"
-            )
+            have = [m["run_id"] for m, _ in runs]
+            print(f"no run {args.run!r} in {args.input}; have {have}", file=sys.stderr)
+            return 1
         meta, rows = matches[-1]
     print(describe(meta))
     print()
     print(format_markdown(rows) if args.markdown else format_table(rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,12 +21,14 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
 
+from . import _cli
 from .cases import (
     ADAPTER_DTYPES,
     BACKWARD,
@@ -62,6 +64,8 @@ from .report import (
 )
 from .timing import CpuTimingBudget, CudaTimingBudget, Task, time_tasks
 from .validation import Reference, validate
+
+T = TypeVar("T")
 
 
 def make_task(built: Built, mode: str, t: LoRATensors) -> Task:
@@ -244,19 +248,12 @@ class Runner:
 # --------------------------------------------------------------------------
 
 
-def _split(values: Sequence[str] | None) -> list[str] | None:
-    """Accept both `--x a b` and `--x a,b`."""
-    if values is None:
-        return None
-    return [v for value in values for v in value.split(",") if v.strip()]
-
-
 def _shape(text: str) -> tuple[int, int]:
     for sep in ("x", "→", "->", ":"):
         if sep in text:
             k, n = text.split(sep, 1)
             return int(k), int(n)
-    raise ValueError(f"--shapes entries look like 4096x1024 (in x out), got {text!r}")
+    raise ValueError(f"entries look like 4096x1024 (in x out), got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PRESETS),
         help="grid to run (default: full on CUDA, quick on CPU)",
     )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu"
-    )
+    _cli.add_device_flag(parser)
     parser.add_argument(
         "--shapes",
         nargs="+",
@@ -321,58 +316,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _choices(flag: str, values: Sequence[str], known: Iterable[str]) -> tuple[str, ...]:
+    """The values of ``flag`` (lists take spaces or commas), each one of ``known``."""
+    values, known = _cli.split_values(values), list(known)
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise ValueError(f"{flag}: unknown {unknown}; expected some of {known}")
+    return tuple(values)
+
+
+def _converted(flag: str, values: Sequence[str], convert: Callable[[str], T]) -> tuple[T, ...]:
+    """The values of ``flag`` (lists take spaces or commas), each through ``convert``."""
+    try:
+        return tuple(convert(v) for v in _cli.split_values(values))
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
 def grid_from_args(args: argparse.Namespace, device: torch.device) -> tuple[str, Grid]:
     preset = args.preset or ("full" if device.type == "cuda" else "quick")
     grid = PRESETS[preset]
     overrides = {}
     if args.shapes:
-        overrides["shapes"] = tuple(_shape(s) for s in _split(args.shapes))
+        overrides["shapes"] = _converted("--shapes", args.shapes, _shape)
     if args.tokens:
-        overrides["tokens"] = tuple(int(v) for v in _split(args.tokens))
+        overrides["tokens"] = _converted("--tokens", args.tokens, _cli.positive_int)
     if args.ranks:
-        overrides["ranks"] = tuple(int(v) for v in _split(args.ranks))
+        overrides["ranks"] = _converted("--ranks", args.ranks, _cli.positive_int)
     if args.dtypes:
-        unknown = [d for d in _split(args.dtypes) if d not in DTYPES]
-        if unknown:
-            raise ValueError(f"--dtypes: unknown {unknown}; expected some of {sorted(DTYPES)}")
-        overrides["dtypes"] = tuple(DTYPES[d] for d in _split(args.dtypes))
+        overrides["dtypes"] = tuple(DTYPES[d] for d in _choices("--dtypes", args.dtypes, DTYPES))
     if args.adapter_dtypes:
-        unknown = [d for d in _split(args.adapter_dtypes) if d not in ADAPTER_DTYPES]
-        if unknown:
-            raise ValueError(
-                f"--adapter-dtypes: unknown {unknown}; expected some of {sorted(ADAPTER_DTYPES)}"
-            )
-        overrides["adapter_dtypes"] = tuple(_split(args.adapter_dtypes))
+        overrides["adapter_dtypes"] = _choices(
+            "--adapter-dtypes", args.adapter_dtypes, ADAPTER_DTYPES
+        )
     if args.quant:
-        unknown = [q for q in _split(args.quant) if q not in QUANTS]
-        if unknown:
-            raise ValueError(f"--quant: unknown {unknown}; expected some of {list(QUANTS)}")
-        overrides["quants"] = tuple(_split(args.quant))
+        overrides["quants"] = _choices("--quant", args.quant, QUANTS)
     if args.providers:
-        overrides["providers"] = tuple(_split(args.providers))
+        overrides["providers"] = tuple(_cli.split_values(args.providers))
     if args.modes:
-        unknown = [m for m in _split(args.modes) if m not in MODES]
-        if unknown:
-            raise ValueError(f"--modes: unknown {unknown}; expected some of {MODES}")
-        overrides["modes"] = tuple(_split(args.modes))
+        overrides["modes"] = _choices("--modes", args.modes, MODES)
     if args.dropout:
-        overrides["dropouts"] = tuple(float(v) for v in _split(args.dropout))
-        if any(not 0.0 <= p < 1.0 for p in overrides["dropouts"]):
-            raise ValueError("--dropout values must be in [0, 1)")
+        overrides["dropouts"] = _converted("--dropout", args.dropout, _cli.probability)
     if args.bias:
         overrides["bias"] = True
-    if any(v < 1 for key in ("tokens", "ranks") for v in overrides.get(key, ())):
-        raise ValueError("--tokens and --ranks must be >= 1")
     return preset, dataclasses.replace(grid, **overrides)
 
 
-def main(argv: Sequence[str] | None = None) -> list[Row]:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0 once the grid has run: wrong or failing providers are rows of the table."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    device = _cli.device_from_args(parser, args)
     try:
         preset, grid = grid_from_args(args, device)
         runner = Runner(
@@ -402,8 +397,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if not args.no_save:
         csv_path, jsonl_path = save(rows, meta, args.results_dir)
         print(f"appended to {csv_path} and {jsonl_path} (run {meta['run_id']})")
-    return rows
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,41 +1,20 @@
-"""The GPU performance targets, checked on a stored benchmark run.
+"""The performance targets, checked on a stored benchmark run.
 
-    python -m benchmarks.targets                       # the latest CUDA run in benchmarks/results/
-    python -m benchmarks.targets --input out/bench/results.jsonl --run RUN_ID
-
-Targets, for every fused backend (``lora_kernels:<backend>``), fp16/bf16:
-
-* overhead over the frozen base measured in the same run: forward ≤ 1.03× the
-  base forward and forward+backward ≤ 1.06× the base forward+backward at
-  M ≥ 2048, both ≤ 1.15× at M = 512 (dropout 0 and 0.1, every shape and rank);
-* at the anchor shape (M = 8192, 4096→4096, r = 16, dropout 0.1, a training
-  step): ≥ 1.35× faster than peft with adapters in the layer's dtype, ≥ 2.2×
-  than peft's default fp32 adapters (``peft-default``), ≥ 1.6× than
-  ``torch.compile`` of the naive module.
-
-QLoRA (NF4 bases, ``--preset qlora``), bf16:
-
-* the training step at M = 8192, 4096→4096 and 4096→14336, r = 16, dropout
-  0.1: ≥ 1.3× faster than peft on bitsandbytes' Linear4bit, ≤ 1.08× the same
-  backend's step on the dense bf16 base, and a peak memory below peft's;
-* a forward of ≤ 16 tokens (with and without autograd): ≥ 2× faster than
-  bitsandbytes' ``matmul_4bit`` alone (``base``).
-
-Prints one line per target with the measured ratio and whether it is met,
-then the count of met targets per backend. A target whose peer was not
-measured in the run (missing row, skipped or failed provider) is listed as
-"not measured", never as met.
+One line per target with the measured ratio and whether it is met, then the
+count of met targets per backend; benchmarks/README.md ("Targets") lists them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .cases import FORWARD, FORWARD_BACKWARD, INFERENCE
-from .report import JSONL_NAME, OK, RESULTS_DIR, Row, describe, load_runs
+from .report import JSONL_NAME, OK, RESULTS_DIR, Row, describe, stored_runs
 
 LORA_KERNELS_PREFIX = "lora_kernels:"
 FORWARD_LIMIT = 1.03
@@ -51,6 +30,17 @@ QLORA_STEP_OVER_PEFT = 1.3
 QLORA_STEP_OVER_DENSE = 1.08
 QLORA_SMALL_BATCH = 16
 QLORA_SMALL_BATCH_OVER_BASE = 2.0
+# The cpu backend (``--preset cpu-targets``): a training step at dropout 0.1.
+CPU_STEP = {
+    "in_features": 2048,
+    "out_features": 2048,
+    "tokens": 4096,
+    "rank": 16,
+    "dropout": 0.1,
+    "dtype": "fp32",
+}
+CPU_STEP_OVER_PEFT = 1.3
+CPU_STEP_OVER_BASE = 1.10
 
 
 @dataclass
@@ -88,7 +78,7 @@ def _ratio_check(backend: str, label: str, value: float | None, limit: float, at
 
 
 def qlora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
-    """The QLoRA targets of one fused backend (see the module docstring)."""
+    """The QLoRA targets of one fused backend (see benchmarks/README.md, "Targets")."""
     backend = provider.removeprefix(LORA_KERNELS_PREFIX)
     medians, peaks = _medians(rows), _peaks(rows)
     groups = {r.group: r for r in rows if r.quant == "nf4" and r.adapter_dtype == r.dtype}
@@ -139,6 +129,62 @@ def qlora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
     return checks
 
 
+def saved_bytes_budget(row: Row) -> int:
+    """What the cpu backend may save for backward beyond x: M·r·4 + M·K/8 bytes
+    (S in fp32, and the dropout mask as bits)."""
+    return row.tokens * row.rank * 4 + row.tokens * row.in_features // 8
+
+
+def cpu_checks(rows: Sequence[Row], provider: str) -> list[Check]:
+    """The CPU targets of the cpu backend (see benchmarks/README.md, "Targets")."""
+    backend = provider.removeprefix(LORA_KERNELS_PREFIX)
+    medians = _medians(rows)
+    saved = {
+        (r.group, r.provider): r.saved_bytes
+        for r in rows
+        if r.status == OK and r.saved_bytes is not None
+    }
+    checks = []
+    for group, row in {r.group: r for r in rows}.items():
+        if not (
+            row.mode == FORWARD_BACKWARD
+            and row.quant == "none"
+            and row.adapter_dtype == row.dtype
+            and all(getattr(row, k) == v for k, v in CPU_STEP.items())
+        ):
+            continue
+        shape = f"{row.in_features}→{row.out_features} M={row.tokens} r={row.rank} {row.dtype}"
+        ours = medians.get((group, provider))
+        peft, base = medians.get((group, "peft")), medians.get((group, "base"))
+        checks += [
+            _ratio_check(
+                backend,
+                f"CPU step × peft ≥ {CPU_STEP_OVER_PEFT:g}: {shape} p={row.dropout:g}",
+                peft / ours if ours and peft else None,
+                CPU_STEP_OVER_PEFT,
+                at_least=True,
+            ),
+            _ratio_check(
+                backend,
+                f"CPU step ÷ base ≤ {CPU_STEP_OVER_BASE:.2f}: {shape} p={row.dropout:g}",
+                ours / base if ours and base else None,
+                CPU_STEP_OVER_BASE,
+                at_least=False,
+            ),
+        ]
+        ours_saved = saved.get((group, provider))
+        checks.append(
+            _ratio_check(
+                backend,
+                f"CPU saved bytes ÷ (M·r·4 + M·K/8) ≤ 1: {shape}",
+                None if ours_saved is None else ours_saved / saved_bytes_budget(row),
+                1.0,
+                at_least=False,
+            )
+        )
+    return checks
+
+
 def check(rows: Sequence[Row]) -> list[Check]:
     """Every target that applies to the rows' problems, per fused backend."""
     medians = _medians(rows)
@@ -186,6 +232,8 @@ def check(rows: Sequence[Row]) -> list[Check]:
                     Check(backend, label, speedup, speedup is not None and speedup >= minimum)
                 )
         checks += qlora_checks(rows, provider)
+        if backend == "cpu":
+            checks += cpu_checks(rows, provider)
     return checks
 
 
@@ -201,28 +249,47 @@ def format_checks(checks: Sequence[Check]) -> str:
     return "\n".join(lines) if lines else "no fp16/bf16 rows of a fused backend in this run"
 
 
-def main(argv: Sequence[str] | None = None) -> list[Check]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.targets", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--input", default=str(RESULTS_DIR / JSONL_NAME))
     parser.add_argument("--run", help="a run_id (default: the latest CUDA run, else the latest)")
-    args = parser.parse_args(argv)
-    runs = load_runs(args.input)
-    if args.run:
-        selected = [run for run in runs if run[0]["run_id"] == args.run]
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="without --run: the latest run of this device"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit status 1 unless every target is met"
+    )
+    return parser
+
+
+def select_runs(
+    runs: Sequence[tuple[dict, list[Row]]], run_id: str | None = None, device: str | None = None
+) -> list[tuple[dict, list[Row]]]:
+    """The run ``run_id``; else the latest run (of ``device``; by default the latest CUDA
+    run, else the latest) with every run of the same commit on the same device model
+    (scripts/gpu_check.sh runs the preset one shape at a time)."""
+    if run_id:
+        return [run for run in runs if run[0]["run_id"] == run_id]
+    if device:
+        runs = [run for run in runs if run[0]["device"] == device]
     else:
-        # The latest CUDA run, with every run of the same commit on the same GPU
-        # (scripts/gpu_check.sh runs the preset one shape at a time).
-        cuda = [run for run in runs if run[0]["device"] == "cuda"] or runs
-        if cuda:
-            last = cuda[-1][0]
-            same = ("device_model", "git_commit")
-            selected = [run for run in cuda if all(run[0][k] == last[k] for k in same)]
-        else:
-            selected = []
+        runs = [run for run in runs if run[0]["device"] == "cuda"] or runs
+    if not runs:
+        return []
+    last = runs[-1][0]
+    same = ("device_model", "git_commit")
+    return [run for run in runs if all(run[0][k] == last[k] for k in same)]
+
+
+def print_checks(path: Path, run_id: str | None = None, device: str | None = None) -> list[Check]:
+    """Print and return the checks of the runs ``select_runs`` picks from ``path``;
+    a LookupError when there is none."""
+    selected = select_runs(stored_runs(path), run_id, device)
     if not selected:
-        raise SystemExit(f"no run {args.run!r} in {args.input}" if args.run else "no runs")
+        wanted = f"run {run_id!r}" if run_id else f"{device or 'any'} run"
+        raise LookupError(f"no {wanted} in {path}")
     meta = selected[-1][0]
     rows = [row for _, run_rows in selected for row in run_rows]  # later runs win
     print(describe(meta))
@@ -231,5 +298,16 @@ def main(argv: Sequence[str] | None = None) -> list[Check]:
     return checks
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0 (with --check: only when every target is met), 1 without a run."""
+    args = build_parser().parse_args(argv)
+    try:
+        checks = print_checks(Path(args.input), args.run, args.device)
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 1 if args.check and not (checks and all(c.met for c in checks)) else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,11 +36,44 @@ def format_percent(percent: float) -> str:
     return f"{percent:.3f}%" if percent >= 0.001 else "<0.001%"
 
 
-def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    rows = [list(header), *map(list, rows)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+def format_table(
+    header: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    align: str = "r",
+    min_widths: Sequence[int] = (),
+    rule: str | None = "columns",
+    footer: Iterable[Sequence[str]] = (),
+) -> str:
+    """A plain-text table: columns two spaces apart, each as wide as its widest
+    cell (at least ``min_widths``), trailing spaces dropped.
+
+    ``align``: ``l`` or ``r`` per column, its last letter repeating for the rest.
+    ``rule`` under the header: dashes under each column (``"columns"``), one
+    unbroken line as long as the header (``"line"``) or none (None). ``footer``
+    rows (totals) follow a second rule.
+    """
+    header = list(header)
+    body = [list(row) for row in rows]
+    foot = [list(row) for row in footer]
+    aligns = align.ljust(len(header), align[-1])
+    minimum = [*min_widths, *[0] * (len(header) - len(min_widths))]
+    widths = [
+        max(minimum[i], *(len(row[i]) for row in (header, *body, *foot)))
+        for i in range(len(header))
+    ]
+
+    def line(row: list[str]) -> str:
+        cells = zip(row, widths, aligns, strict=True)
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in cells).rstrip()
+
+    top = line(header)
+    dashes = {"columns": "  ".join("-" * w for w in widths), "line": "-" * len(top), None: None}
+    if rule not in dashes:
+        raise ValueError(f"rule must be 'columns', 'line' or None, got {rule!r}")
+    lines = [top, *([dashes[rule]] if rule else []), *map(line, body)]
+    if foot:
+        lines += [*([dashes[rule]] if rule else []), *map(line, foot)]
     return "\n".join(lines)
 
 

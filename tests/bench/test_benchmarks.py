@@ -1,6 +1,7 @@
 """The benchmark suite's own logic: flop formula, saved-bytes counter,
-provider validation (it must catch wrong providers), the runner and its
-result files. Tiny shapes, no timing assertions."""
+provider validation (it must catch wrong providers), the runner, its result
+files, the targets checker and the command lines' exit statuses. Tiny shapes,
+no timing assertions."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from benchmarks.providers import (
     select_providers,
 )
 from benchmarks.run import Runner, build_parser, grid_from_args, make_task
+from benchmarks.run import main as run_main
 from benchmarks.timing import CpuTimingBudget
 from benchmarks.validation import Reference, validate
 
@@ -370,7 +372,7 @@ def test_results_round_trip_and_plots(tmp_path):
     assert loaded_rows == rows and loaded_meta["run_id"] == meta["run_id"]
     assert "torch-naive" in report.format_table(rows)
     assert report.format_markdown(rows).count("| base |") == 5
-    paths = plot.main(["--input", str(jsonl_path), "--output-dir", str(tmp_path)])
+    paths = plot.run(["--input", str(jsonl_path), "--output-dir", str(tmp_path)])
     assert {p.name for p in paths} >= {"cpu_fp32_speedup_forward.png", "cpu_fp32_saved_memory.png"}
     assert all(p.stat().st_size > 0 for p in paths)
 
@@ -532,3 +534,108 @@ def test_targets_qlora():
     assert small.measured == pytest.approx(1.6) and not small.met
     # NF4 rows are held to QLoRA's targets only, not to the dense base's.
     assert not any("÷ base" in t and "M=8192 r=16 bf16, nf4" in t for t in checks)
+
+
+def test_targets_cpu():
+    """The cpu backend's targets at M=4096, 2048→2048, r=16, fp32, dropout 0.1."""
+    shape = dict(in_features=2048, out_features=2048, tokens=4096, rank=16)
+
+    def row(provider, ms, saved=None, **extra):
+        return dataclasses.replace(
+            _row(provider, ms, **{**shape, **extra}),
+            dtype="fp32",
+            adapter_dtype="fp32",
+            saved_bytes=saved,
+        )
+
+    budget = 4096 * 16 * 4 + 4096 * 2048 // 8
+    rows = [
+        row("base", 330.0),
+        row("peft", 471.0, saved=67_371_008),
+        row("lora_kernels:cpu", 350.0, saved=4096 * 16 * 4 + 8),
+        row("lora_kernels:cpu", 341.0, dropout=0.0),  # dropout 0: reported, no target
+    ]
+    checks = {c.target: c for c in targets.check(rows)}
+    label = "2048→2048 M=4096 r=16 fp32"
+    over_peft = checks[f"CPU step × peft ≥ 1.3: {label} p=0.1"]
+    assert over_peft.measured == pytest.approx(471 / 350) and over_peft.met
+    over_base = checks[f"CPU step ÷ base ≤ 1.10: {label} p=0.1"]
+    assert over_base.measured == pytest.approx(350 / 330) and over_base.met
+    saved = checks[f"CPU saved bytes ÷ (M·r·4 + M·K/8) ≤ 1: {label}"]
+    assert saved.measured == pytest.approx((4096 * 16 * 4 + 8) / budget) and saved.met
+    assert len(checks) == 3 and all(c.backend == "cpu" for c in checks.values())
+    # Missed targets: slower than 1.3× peft allows, above 1.10× the base, saving x̃.
+    rows = [
+        row("base", 330.0),
+        row("peft", 400.0),
+        row("lora_kernels:cpu", 370.0, saved=budget + 1),
+    ]
+    checks = {c.target: c for c in targets.check(rows)}
+    assert not checks[f"CPU step × peft ≥ 1.3: {label} p=0.1"].met
+    assert not checks[f"CPU step ÷ base ≤ 1.10: {label} p=0.1"].met
+    assert not checks[f"CPU saved bytes ÷ (M·r·4 + M·K/8) ≤ 1: {label}"].met
+    # Without peft in the run its target is not measured, never met.
+    (unmeasured,) = [c for c in targets.check(rows[::2]) if c.target.startswith("CPU step × peft")]
+    assert unmeasured.measured is None and not unmeasured.met
+
+
+def test_cpu_targets_preset_is_the_targets_problem():
+    grid = PRESETS["cpu-targets"]
+    (problem,) = grid.problems("cpu")
+    step = targets.CPU_STEP
+    assert (problem.in_features, problem.out_features, problem.tokens, problem.rank) == (
+        step["in_features"],
+        step["out_features"],
+        step["tokens"],
+        step["rank"],
+    )
+    assert problem.dtype == problem.lora_dtype == torch.float32 and step["dtype"] == "fp32"
+    assert step["dropout"] in grid.dropouts and grid.modes == (FORWARD_BACKWARD,)
+    assert {"base", "peft", "lora_kernels"} <= set(grid.providers)
+
+
+def test_cpu_targets_preset_end_to_end(monkeypatch):
+    """The preset at a tiny shape through the runner (every provider validated against
+    float64 first) into the CPU targets; the saved-bytes target does not depend on timing."""
+    pytest.importorskip("peft")
+    import lora_kernels
+
+    if "cpu" not in lora_kernels.available_backends("cpu"):
+        pytest.skip("the cpu backend is unavailable (lora_kernels._C not built)")
+    grid = dataclasses.replace(PRESETS["cpu-targets"], shapes=((64, 48),), tokens=(32,), ranks=(4,))
+    tiny = {"in_features": 64, "out_features": 48, "tokens": 32, "rank": 4}
+    monkeypatch.setattr(targets, "CPU_STEP", {**targets.CPU_STEP, **tiny})
+    rows = Runner(grid, torch.device("cpu"), cpu_budget=TINY_BUDGET).run(progress=False)
+    # Interpreted triton (this process sets TRITON_INTERPRET=1) is skipped on the CPU.
+    rows = [r for r in rows if r.provider != "lora_kernels:triton"]
+    assert {r.provider for r in rows} == {"base", "peft", "lora_kernels:cpu"}
+    assert all(r.status == report.OK for r in rows), rows
+    checks = {c.target.split(":")[0]: c for c in targets.check(rows)}
+    assert len(checks) == 3 and all(c.measured is not None for c in checks.values())
+    saved = checks["CPU saved bytes ÷ (M·r·4 + M·K/8) ≤ 1"]
+    assert saved.met and saved.measured == pytest.approx(
+        (32 * 4 * 4 + 8) / (32 * 4 * 4 + 32 * 64 // 8)
+    )
+
+
+def test_cli_exit_statuses(tmp_path, capsys):
+    rows = _tiny_run(providers=("base", "lora_kernels:torch"))
+    _, jsonl_path = report.save(
+        rows, report.run_metadata(torch.device("cpu"), "test", []), tmp_path
+    )
+    missing = str(tmp_path / "missing.jsonl")
+    tiny = ["--shapes", "40x24", "--tokens", "16", "--ranks", "3", "--dtypes", "fp32"]
+    tiny += ["--providers", "base", "--modes", "forward", "--dropout", "0", "--cpu-seconds", "0"]
+    assert run_main(["--device", "cpu", *tiny, "--no-save", "--no-progress"]) == 0
+    assert report.main(["--input", str(jsonl_path)]) == 0
+    assert report.main(["--input", missing]) == 1
+    assert report.main(["--input", str(jsonl_path), "--run", "nope"]) == 1
+    assert targets.main(["--input", str(jsonl_path)]) == 0
+    assert targets.main(["--input", str(jsonl_path), "--device", "cuda"]) == 1
+    assert targets.main(["--input", missing]) == 1
+    # --check: no target applies to these fp32 rows, so none is met.
+    assert targets.main(["--input", str(jsonl_path), "--check"]) == 1
+    out = str(tmp_path / "plots")
+    assert plot.main(["--input", str(jsonl_path), "--output-dir", out]) == 0
+    assert plot.main(["--input", missing]) == 1
+    assert "does not exist" in capsys.readouterr().err

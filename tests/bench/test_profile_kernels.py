@@ -1,5 +1,5 @@
 """benchmarks.profile_kernels on the CPU: a tiny problem end to end through
-``main`` (tables, files, CSV), and the kernel-name shortening."""
+``run`` and ``main`` (tables, files, CSV, exit status), and the kernel-name shortening."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 import lora_kernels
 from benchmarks import profile_kernels
-from benchmarks.profile_kernels import NAME_WIDTH, OK, SKIPPED, main, short_name
+from benchmarks.profile_kernels import NAME_WIDTH, OK, SKIPPED, main, run, short_name
 
 # The fused CPU backend when the extension is built, else the torch reference
 # (never triton: on a CPU it would run in the interpreter, see conftest.py).
@@ -29,7 +29,7 @@ def profiled(tmp_path_factory):
     """One run shared by the checks below: base, the LoRA backend, and a backend
     the CPU lacks (skipped with its reason, not an error)."""
     out = tmp_path_factory.mktemp("profiles")
-    profiles = main(
+    profiles = run(
         [*TINY, "--providers", "base", LORA_PROVIDER, "lora_kernels:cuda", "--out", str(out)]
     )
     return {p.provider: p for p in profiles}, out
@@ -93,7 +93,7 @@ def test_files(profiled):
 
 
 def test_printed_summary(capsys):
-    main([*TINY, "--steps", "1", "--timing-steps", "1", "--providers", "base"])
+    assert main([*TINY, "--steps", "1", "--timing-steps", "1", "--providers", "base"]) == 0
     printed = capsys.readouterr().out
     assert "== base" in printed and "total per step" in printed
     summary = printed.split("provider ")[-1]
@@ -103,7 +103,7 @@ def test_printed_summary(capsys):
 def test_qlora_profile_shows_the_nf4_ops():
     # NF4 bases: bitsandbytes' Linear4bit as the base, the fused NF4 op for lora_kernels.
     pytest.importorskip("bitsandbytes")
-    profiles = main(
+    profiles = run(
         [*TINY, "--dtype", "bf16", "--quant", "nf4", "--providers", "base", LORA_PROVIDER]
     )
     assert [p.status for p in profiles] == [OK, OK]

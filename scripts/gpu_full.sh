@@ -5,8 +5,8 @@
 # {0, 0.1}, bf16, all modes), appends the results to benchmarks/results/ and
 # draws the plots there.
 #
-#   benchmarks/gpu_full.sh                  # the whole preset
-#   benchmarks/gpu_full.sh --tokens 2048    # extra flags go to benchmarks.run
+#   scripts/gpu_full.sh                     # the whole preset
+#   scripts/gpu_full.sh --tokens 2048       # extra flags go to benchmarks.run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
