@@ -77,6 +77,11 @@ def _ratio_check(backend: str, label: str, value: float | None, limit: float, at
     return Check(backend, label, value, met)
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, None when either was not measured."""
+    return numerator / denominator if numerator and denominator else None
+
+
 def qlora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
     """The QLoRA targets of one fused backend (see benchmarks/README.md, "Targets")."""
     backend = provider.removeprefix(LORA_KERNELS_PREFIX)
@@ -98,20 +103,20 @@ def qlora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
                 _ratio_check(
                     backend,
                     f"QLoRA step × peft+bitsandbytes ≥ {QLORA_STEP_OVER_PEFT:g}: {shape}",
-                    peft / ours if ours and peft else None,
+                    _ratio(peft, ours),
                     QLORA_STEP_OVER_PEFT,
                     at_least=True,
                 ),
                 _ratio_check(
                     backend,
                     f"QLoRA step ÷ our dense bf16 step ≤ {QLORA_STEP_OVER_DENSE:g}: {shape}",
-                    ours / dense if ours and dense else None,
+                    _ratio(ours, dense),
                     QLORA_STEP_OVER_DENSE,
                     at_least=False,
                 ),
             ]
             our_peak, peft_peak = peaks.get((group, provider)), peaks.get((group, "peft"))
-            memory = our_peak / peft_peak if our_peak and peft_peak else None
+            memory = _ratio(our_peak, peft_peak)
             label = f"QLoRA step peak memory ÷ peft+bitsandbytes' < 1: {shape}"
             checks.append(Check(backend, label, memory, memory is not None and memory < 1))
         if row.mode in (FORWARD, INFERENCE) and row.tokens <= QLORA_SMALL_BATCH:
@@ -121,7 +126,7 @@ def qlora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
                 _ratio_check(
                     backend,
                     f"QLoRA {row.mode} × matmul_4bit ≥ {limit:g}: {shape} r={row.rank}",
-                    base / ours if ours and base else None,
+                    _ratio(base, ours),
                     limit,
                     at_least=True,
                 )
@@ -160,14 +165,14 @@ def cpu_checks(rows: Sequence[Row], provider: str) -> list[Check]:
             _ratio_check(
                 backend,
                 f"CPU step × peft ≥ {CPU_STEP_OVER_PEFT:g}: {shape} p={row.dropout:g}",
-                peft / ours if ours and peft else None,
+                _ratio(peft, ours),
                 CPU_STEP_OVER_PEFT,
                 at_least=True,
             ),
             _ratio_check(
                 backend,
                 f"CPU step ÷ base ≤ {CPU_STEP_OVER_BASE:.2f}: {shape} p={row.dropout:g}",
-                ours / base if ours and base else None,
+                _ratio(ours, base),
                 CPU_STEP_OVER_BASE,
                 at_least=False,
             ),
@@ -208,7 +213,7 @@ def check(rows: Sequence[Row]) -> list[Check]:
             else:
                 limit = SMALL_BATCH_LIMIT
             ours, base = medians.get((group, provider)), medians.get((group, "base"))
-            ratio = ours / base if ours and base else None
+            ratio = _ratio(ours, base)
             label = (
                 f"{row.mode} ÷ base ≤ {limit:.2f}: {row.in_features}→{row.out_features} "
                 f"M={row.tokens} r={row.rank} {row.precision} p={row.dropout:g}"
@@ -226,7 +231,7 @@ def check(rows: Sequence[Row]) -> list[Check]:
         for peer, minimum in ANCHOR_SPEEDUPS:
             for group in anchors:
                 ours, theirs = medians.get((group, provider)), medians.get((group, peer))
-                speedup = theirs / ours if ours and theirs else None
+                speedup = _ratio(theirs, ours)
                 label = f"anchor training step × {peer} ≥ {minimum:g} ({groups[group].precision})"
                 checks.append(
                     Check(backend, label, speedup, speedup is not None and speedup >= minimum)
