@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .ops import validation as _validation
-from .ops.nf4_op import nf4_forward
+from .ops.dora import magnitude_scale
+from .ops.nf4_op import nf4_dora, nf4_forward
 from .ops.registry import BACKEND_NAMES, resolve_backend
 from .ops.seed import draw_seed
 from .quant.nf4 import NF4Weight
@@ -52,8 +53,10 @@ def lora_linear(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused LoRA linear: ``x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ``.
+    """Fused LoRA linear: ``x·Wᵀ + b + scaling · (dropout(x)·Aᵀ)·Bᵀ``; with a
+    ``magnitude``, DoRA (peft's ``use_dora=True``).
 
     Args:
         x: input of shape (..., in_features); any strides.
@@ -68,6 +71,12 @@ def lora_linear(
             (pass 0 in evaluation). The mask is drawn from torch's default
             generator, so ``torch.manual_seed`` makes it reproducible.
         backend: "auto", "triton", "cuda", "cpu" or "torch".
+        magnitude: DoRA's magnitude m, (out_features,), x's dtype or float32
+            (peft's ``lora_magnitude_vector``). With it the layer computes, with
+            g = m / ‖W0 + s·B·A‖ (per output row, the norm a constant),
+            ``x·Wᵀ + b + (g − 1) ⊙ (x̃·Wᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ`` (x̃ = dropout(x)),
+            which is ``g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b`` without dropout: exactly
+            peft's DoRA layer. W0 must not require grad.
 
     Returns:
         y of shape (..., out_features) in x's dtype (the autocast dtype under autocast).
@@ -76,12 +85,24 @@ def lora_linear(
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     scaling, dropout_p = _validation.check_scalars(scaling, dropout_p)
     x, weight, bias, lora_A, lora_B = _checked_tensors(x, weight, lora_A, lora_B, bias)
+    if magnitude is not None:
+        _validation.check_magnitude(magnitude, x, weight)
 
-    impl = resolve_backend(backend, x)
+    impl = resolve_backend(backend, x, dora=magnitude is not None)
     lead_shape = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    if isinstance(weight, NF4Weight):
+    if magnitude is not None:
+        g = magnitude_scale(magnitude, weight, lora_A, lora_B, scaling)
+        if isinstance(weight, NF4Weight):
+            y2d = nf4_dora(
+                x2d, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, impl.name
+            )
+        else:
+            y2d, _ = impl.dora.forward(
+                x2d, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed
+            )
+    elif isinstance(weight, NF4Weight):
         y2d = nf4_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, impl.name)
     else:
         y2d, _ = impl.forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)

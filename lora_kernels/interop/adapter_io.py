@@ -47,12 +47,11 @@ from .injection import (
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?:(?P<which>[AB])\.weight|(?P<m>magnitude_vector))$")
 
 # LoraConfig fields whose non-default values change what the adapter
 # computes or where it lives; such adapters are not LoRALinear adapters.
 _UNSUPPORTED_CONFIG = {
-    "use_dora": False,
     "bias": "none",
     "lora_bias": False,
     "layer_replication": None,
@@ -167,6 +166,9 @@ def save_adapter(
     use_rslora = {layer.use_rslora for layer in layers.values()}
     if len(use_rslora) != 1:
         raise ValueError("all LoRALinear layers must agree on use_rslora to save one adapter")
+    use_dora = {layer.use_dora for layer in layers.values()}
+    if len(use_dora) != 1:
+        raise ValueError("all LoRALinear layers must agree on use_dora to save one adapter")
 
     saved_whole = modules_to_save(model)
     with _full_parameters(model):
@@ -174,6 +176,8 @@ def save_adapter(
         for name, layer in layers.items():
             for which, module in (("A", layer.lora_A), ("B", layer.lora_B)):
                 tensors[f"{PEFT_PREFIX}{name}.lora_{which}.weight"] = module.weight
+            if layer.use_dora:
+                tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
         for name, module in saved_whole.items():
             for key, tensor in module.state_dict().items():
                 tensors[f"{PEFT_PREFIX}{name}.{key}"] = tensor
@@ -202,7 +206,7 @@ def save_adapter(
         # peft's flag for Conv1D bases (GPT-2); peft sets it per layer by the
         # base's type when loading, whatever the file says.
         "fan_in_fan_out": all(is_conv1d(layer.base_layer) for layer in layers.values()),
-        "use_dora": False,
+        "use_dora": use_dora.pop(),
         "lora_bias": False,
         "modules_to_save": sorted(saved_whole) or None,
         "layers_to_transform": None,
@@ -244,8 +248,9 @@ def _read_config(directory: Path) -> dict:
 
 
 def _read_weights(directory: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """({module name: {"A": tensor, "B": tensor}}, {other key: tensor}) from the
-    weights file: the LoRA pairs, and the rest (modules saved whole)."""
+    """({module name: {"A": tensor, "B": tensor[, "m": DoRA's magnitude]}},
+    {other key: tensor}) from the weights file: the adapters, and the rest
+    (modules saved whole)."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
@@ -256,14 +261,19 @@ def _read_weights(directory: Path) -> tuple[dict[str, dict[str, torch.Tensor]], 
         if match is None:
             others[key.removeprefix(PEFT_PREFIX)] = tensor
             continue
-        modules.setdefault(match["module"], {})[match["which"]] = tensor
+        modules.setdefault(match["module"], {})[match["which"] or "m"] = tensor
     for name, pair in modules.items():
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             raise ValueError(f"{path}: module {name!r} lacks lora_A or lora_B")
         if pair["A"].dim() != 2 or pair["B"].dim() != 2 or pair["A"].shape[0] != pair["B"].shape[1]:
             raise ValueError(
                 f"{path}: module {name!r} has lora_A {tuple(pair['A'].shape)} and "
                 f"lora_B {tuple(pair['B'].shape)}, not (r, in) and (out, r)"
+            )
+        if "m" in pair and tuple(pair["m"].shape) != (pair["B"].shape[0],):
+            raise ValueError(
+                f"{path}: module {name!r} has a DoRA magnitude of shape "
+                f"{tuple(pair['m'].shape)}, not (out,) = ({pair['B'].shape[0]},)"
             )
     return modules, others
 
@@ -359,8 +369,20 @@ def load_adapter(
         r = pair["A"].shape[0]
         alpha = _pattern_value(alpha_pattern, name, alpha_default)
         scalings[name] = (alpha / math.sqrt(r) if use_rslora else alpha / r, alpha)
+    use_dora = bool(config.get("use_dora", False))
+    for name, parts in weights.items():
+        if ("m" in parts) != use_dora:
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME}: module {name!r} "
+                + ("lacks the DoRA magnitude use_dora=True needs" if use_dora
+                   else "holds a DoRA magnitude but the config says use_dora=False")
+            )  # fmt: skip
     existing = lora_layers(model)
     for name, layer in existing.items():
+        if name in weights and layer.use_dora != use_dora:
+            raise ValueError(
+                f"{name}: the layer has use_dora={layer.use_dora}, the adapter use_dora={use_dora}"
+            )
         if name in weights:
             scaling, alpha = scalings[name]
             description = (
@@ -396,6 +418,7 @@ def load_adapter(
                 use_rslora=use_rslora,
                 backend=backend,
                 adapter_dtype=adapter_dtype_for(base, autocast_adapter_dtype),
+                use_dora=use_dora,
             )
             for name, pair in weights.items()
         }
@@ -409,8 +432,12 @@ def load_adapter(
         with torch.no_grad():
             layer.lora_A.weight.copy_(weights[name]["A"])
             layer.lora_B.weight.copy_(weights[name]["B"])
+            if use_dora:
+                layer.lora_magnitude_vector.copy_(weights[name]["m"])
         layer.lora_A.requires_grad_(is_trainable)
         layer.lora_B.requires_grad_(is_trainable)
+        if use_dora:
+            layer.lora_magnitude_vector.requires_grad_(is_trainable)
     for module in modules_to_save(model).values():
         module.requires_grad_(is_trainable)
     if not is_trainable:

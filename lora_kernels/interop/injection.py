@@ -155,6 +155,7 @@ def inject_lora(
     autocast_adapter_dtype: bool = True,
     quantize: str | None = None,
     modules_to_save: Iterable[str] | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace the linear layers that ``target_modules`` selects with
     ``LoRALinear`` sharing their weights, and freeze everything else. Each new
@@ -181,6 +182,7 @@ def inject_lora(
             fresh head of a sequence-classification model, which peft's
             ``task_type="SEQ_CLS"`` trains this way); ``save_adapter`` writes
             them into the adapter file as peft does.
+        use_dora: DoRA layers (``LoRALinear(use_dora=True)``), as peft's ``use_dora``.
 
     Returns:
         ``model``, with only the LoRA A and B matrices (and ``modules_to_save``) trainable.
@@ -243,6 +245,7 @@ def inject_lora(
             backend=backend,
             adapter_dtype=adapter_dtype_for(model.get_submodule(name), autocast_adapter_dtype),
             quantize=quantize if _quantizable(model.get_submodule(name)) else None,
+            use_dora=use_dora,
         )
         for name in names
     }
@@ -253,6 +256,8 @@ def inject_lora(
         if isinstance(module, LoRALinear):
             module.lora_A.requires_grad_(True)
             module.lora_B.requires_grad_(True)
+            if module.use_dora:
+                module.lora_magnitude_vector.requires_grad_(True)
         if module.__dict__.get(MODULE_TO_SAVE):
             module.requires_grad_(True)
     for name, layer in layers.items():

@@ -145,6 +145,14 @@ def _other_layer_reason(layer: nn.Module) -> str:
     return f"a peft {name} LoRA layer (only Linear and NF4 Linear4bit layers fuse)"
 
 
+def _magnitude(layer: nn.Module, name: str) -> torch.Tensor | None:
+    """DoRA's magnitude of adapter ``name`` (None for plain LoRA)."""
+    magnitudes = getattr(layer, "lora_magnitude_vector", None)
+    if not magnitudes or name not in magnitudes:
+        return None
+    return magnitudes[name].weight
+
+
 def _active_lora_adapters(layer: nn.Module) -> list[str]:
     # peft skips active adapters that this layer does not hold.
     return [name for name in layer.active_adapters if name in layer.lora_A]
@@ -168,13 +176,12 @@ def _unfused_reason(layer: nn.Module) -> str | None:
     if len(active) != 1:
         return f"{len(active)} active adapters (the fused op runs exactly one)"
     (name,) = active
-    # peft >= 0.16 records DoRA and other variants in `lora_variant`; older
-    # releases flag DoRA in `use_dora`.
-    variants = getattr(layer, "lora_variant", {})
-    if name in variants:
-        return f"adapter {name!r} is a {type(variants[name]).__name__} (DoRA or another variant)"
-    if getattr(layer, "use_dora", {}).get(name, False):
-        return f"adapter {name!r} uses DoRA"
+    # peft >= 0.16 records DoRA and other variants in `lora_variant`.
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        return f"adapter {name!r} is a {type(variant).__name__} (a LoRA variant)"
+    if _magnitude(layer, name) is None and getattr(layer, "use_dora", {}).get(name, False):
+        return f"adapter {name!r} uses DoRA without a magnitude vector (peft < 0.16)"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     if not (_plain_module(lora_A, nn.Linear) and _plain_module(lora_B, nn.Linear)):
         return f"adapter {name!r} has non-plain lora_A/lora_B modules"
@@ -223,6 +230,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
                 bias=bias,
                 dropout_p=_dropout_p(self.lora_dropout[name]),
                 backend=backend_for_device(self.__dict__[_BACKEND], x.device),
+                magnitude=_magnitude(self, name),
             )
         except (TypeError, ValueError) as refused:  # raised before any kernel runs
             reason = str(refused)
@@ -243,12 +251,12 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
 def patch_peft(peft_model: nn.Module, *, backend: str = "auto") -> int:
     """Route peft's LoRA ``Linear`` layers to ``lora_kernels.lora_linear``, in place.
 
-    A layer is patched when it holds one active, unmerged, vanilla LoRA
-    adapter on a plain ``nn.Linear`` base, a transformers ``Conv1D`` base
-    (``fan_in_fan_out``, GPT-2) or a bitsandbytes ``Linear4bit`` with an NF4
-    weight (QLoRA; any dropout, base bias or not). Every other peft LoRA layer
-    keeps peft's forward and is listed, with the reason, in a
-    ``PeftFallbackWarning``: DoRA and other LoRA variants, several active
+    A layer is patched when it holds one active, unmerged LoRA or DoRA
+    (``use_dora=True``) adapter on a plain ``nn.Linear`` base, a transformers
+    ``Conv1D`` base (``fan_in_fan_out``, GPT-2) or a bitsandbytes ``Linear4bit``
+    with an NF4 weight (QLoRA, QDoRA; any dropout, base bias or not). Every
+    other peft LoRA layer keeps peft's forward and is listed, with the reason,
+    in a ``PeftFallbackWarning``: the other LoRA variants, several active
     adapters, ``lora_bias``, 8-bit, FP4 and other quantised bases, embedding
     and convolution LoRA layers, custom dropout modules, and layers with hooks
     on their base layer, ``lora_A``, ``lora_B`` or dropout module (which the

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..functional import lora_linear
+from ..ops.dora import weight_norm
 from ..ops.dtypes import accumulate_dtype
 from ..ops.registry import BACKEND_NAMES, backend_for_device
 from ..quant.nf4 import NF4Weight, quantize_nf4
@@ -33,12 +34,21 @@ from .unfused import keep_reports, report_unfused, skipped_hooks
 
 QUANTIZATIONS = (None, "nf4")
 
-# peft's in-memory key of an adapter weight: lora_A.<adapter name>.weight.
-_PEFT_ADAPTER_KEY = re.compile(r"^lora_(?P<which>[AB])\.(?P<adapter>[^.]+)\.weight$")
+# peft's in-memory key of an adapter weight: lora_A.<adapter name>.weight, and of a
+# DoRA magnitude: lora_magnitude_vector.<adapter name>.weight.
+_PEFT_ADAPTER_KEY = re.compile(
+    r"^lora_(?P<which>A|B|magnitude_vector)\.(?P<adapter>[^.]+)\.weight$"
+)
+_OWN_KEYS = {
+    "A": "lora_A.weight",
+    "B": "lora_B.weight",
+    "magnitude_vector": "lora_magnitude_vector",
+}
 
 
 class LoRALinear(nn.Module):
-    """``y = base_layer(x) + scaling · lora_B(lora_A(dropout(x)))``, fused.
+    """``y = base_layer(x) + scaling · lora_B(lora_A(dropout(x)))``, fused; with
+    ``use_dora=True``, DoRA (peft's ``use_dora``).
 
     The base layer is an ``nn.Linear``, or for QLoRA an NF4-quantized layer
     (``quantize="nf4"``: an ``NF4Linear``; or a ``bitsandbytes.nn.Linear4bit``
@@ -69,6 +79,13 @@ class LoRALinear(nn.Module):
         quantize: None, or "nf4" to store the base weight in NF4 (blocks of 64,
             double quantization: bitsandbytes' QLoRA defaults; ``NF4Linear``
             for other choices).
+        use_dora: DoRA (weight-decomposed LoRA, arXiv 2402.09353), as peft's
+            ``use_dora=True``: a trainable magnitude ``lora_magnitude_vector``
+            (out_features,), initialised to the row norms of W0 + s·B·A, scales
+            the output columns by g = m / ‖W0 + s·B·A‖ (the norm a constant):
+            ``y = x·W0ᵀ + b + (g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ`` with
+            x̃ = dropout(x) (``g ⊙ (x·W0ᵀ + s·x·Aᵀ·Bᵀ) + b`` without dropout).
+            Its state dict key is peft's file key, ``lora_magnitude_vector``.
     """
 
     def __init__(
@@ -87,6 +104,7 @@ class LoRALinear(nn.Module):
         *,
         adapter_dtype: torch.dtype | None = None,
         quantize: str | None = None,
+        use_dora: bool = False,
         _base_layer: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -141,6 +159,12 @@ class LoRALinear(nn.Module):
         self.backend = backend
         self.merged = False
         keep_reports(self)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
+        self.lora_magnitude_vector = (
+            nn.Parameter(torch.empty(out_features, **factory)) if use_dora else None
+        )
+        self._merged_norm: torch.Tensor | None = None  # DoRA: the norm a merge divided by
         self.reset_lora_parameters(init_lora_weights)
 
     @classmethod
@@ -174,7 +198,9 @@ class LoRALinear(nn.Module):
         return layer.train(linear.training)
 
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
-        """Initialise A and B as peft does (B = 0 unless ``init_lora_weights`` is False)."""
+        """Initialise A and B as peft does (B = 0 unless ``init_lora_weights`` is False),
+        and DoRA's magnitude to the row norms of W0 + s·B·A (so g = 1: the layer
+        starts equal to its LoRA layer)."""
         with torch.no_grad():
             if init_lora_weights == "gaussian":
                 nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
@@ -184,6 +210,10 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
             else:
                 nn.init.zeros_(self.lora_B.weight)
+            if self.lora_magnitude_vector is not None:
+                self.lora_magnitude_vector.copy_(
+                    weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+                )
 
     # nn.Linear look-alike properties --------------------------------------
 
@@ -191,6 +221,11 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor | NF4Weight:
         """W0: a tensor, or an ``NF4Weight`` for a quantized base layer."""
         return base_weight(self.base_layer)
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the layer is DoRA (has a magnitude vector)."""
+        return self.lora_magnitude_vector is not None
 
     @property
     def quantized(self) -> bool:
@@ -218,13 +253,41 @@ class LoRALinear(nn.Module):
         delta = (self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute)) * self.scaling
         return delta.to(weight_dtype)
 
-    def _add_to_base(self, delta: torch.Tensor, safe_merge: bool) -> None:
-        if not self.quantized:
+    def _dora_factor(self, norm: torch.Tensor) -> torch.Tensor:
+        """g = m / n as a column of the weight's rows, in the accumulate dtype."""
+        return (self.lora_magnitude_vector.to(norm.dtype) / norm).unsqueeze(1)
+
+    def _merged_base(self, merging: bool) -> torch.Tensor:
+        """W0 + s·B·A (merging) or W' − s·B·A (unmerging); with DoRA,
+        g ⊙ (W0 + s·B·A) and W'/g − s·B·A, g from the norm of the unmerged
+        weight, as peft computes it -- in the accumulate dtype."""
+        weight = self.weight
+        dense = weight.dequantize(torch.float32) if self.quantized else weight
+        acc = accumulate_dtype(dense.dtype)
+        dense, delta = dense.to(acc), self.get_delta_weight().to(acc)
+        if not self.use_dora:
+            return dense + delta if merging else dense - delta
+        if merging:
+            self._merged_norm = weight_norm(
+                weight, self.lora_A.weight, self.lora_B.weight, self.scaling
+            ).to(acc)
+            return self._dora_factor(self._merged_norm) * (dense + delta)
+        return dense / self._dora_factor(self._merged_norm) - delta
+
+    def _add_to_base(self, merging: bool, safe_merge: bool) -> None:
+        if not self.quantized and not self.use_dora:
             weight = self.weight  # (out, in): a transposed view of a Conv1D's weight
-            merged = weight + delta
+            delta = self.get_delta_weight()
+            merged = weight + delta if merging else weight - delta
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError("merging the adapter would make the base weight non-finite")
             weight.copy_(merged)
+            return
+        merged = self._merged_base(merging)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError("merging the adapter would make the base weight non-finite")
+        if not self.quantized:
+            self.weight.copy_(merged)
             return
         # As peft does for 4-bit layers: dequantize, add, quantize again -- which
         # rounds the result to NF4, so the merged layer is only close to base + LoRA.
@@ -234,9 +297,6 @@ class LoRALinear(nn.Module):
             UserWarning,
             stacklevel=4,  # the caller of merge/unmerge
         )
-        merged = self.weight.dequantize(torch.float32) + delta.float()
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError("merging the adapter would make the base weight non-finite")
         self._requantize_base(merged.to(base_compute_dtype(self.base_layer)))
 
     def _requantize_base(self, weight: torch.Tensor) -> None:
@@ -258,11 +318,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False) -> None:
-        """Fold the adapter into the base weight; with ``safe_merge`` check for NaN/inf
-        first. An NF4 base is dequantized, summed and quantized again, with a warning."""
+        """Fold the adapter into the base weight (DoRA: W' = g ⊙ (W0 + s·B·A));
+        with ``safe_merge`` check for NaN/inf first. An NF4 base is dequantized,
+        summed and quantized again, with a warning."""
         if self.merged:
             return
-        self._add_to_base(self.get_delta_weight(), safe_merge)
+        self._add_to_base(merging=True, safe_merge=safe_merge)
         self.merged = True
 
     @torch.no_grad()
@@ -271,7 +332,8 @@ class LoRALinear(nn.Module):
         again: not exactly the weight before ``merge``)."""
         if not self.merged:
             return
-        self._add_to_base(-self.get_delta_weight(), safe_merge=False)
+        self._add_to_base(merging=False, safe_merge=False)
+        self._merged_norm = None
         self.merged = False
 
     # state dicts -----------------------------------------------------------
@@ -284,16 +346,16 @@ class LoRALinear(nn.Module):
             local = key[len(prefix) :]
             if not key.startswith(prefix) or not local.startswith("lora_"):
                 continue
-            if local in ("lora_A.weight", "lora_B.weight"):
+            if local in _OWN_KEYS.values() and (self.use_dora or "magnitude" not in local):
                 continue
             match = _PEFT_ADAPTER_KEY.match(local)
-            if match is None:
+            if match is None or (match["which"] == "magnitude_vector" and not self.use_dora):
                 raise ValueError(
-                    f"state dict key {key!r} is not part of a plain LoRA adapter (LoRALinear "
-                    "holds lora_A.weight and lora_B.weight only: no DoRA magnitude, lora_B "
-                    "bias or embedding adapter)"
+                    f"state dict key {key!r} is not part of this layer's adapter (LoRALinear "
+                    "holds lora_A.weight, lora_B.weight and, with use_dora=True, "
+                    "lora_magnitude_vector: no lora_B bias or embedding adapter)"
                 )
-            renames.setdefault(match["adapter"], {})[key] = f"{prefix}lora_{match['which']}.weight"
+            renames.setdefault(match["adapter"], {})[key] = prefix + _OWN_KEYS[match["which"]]
         if len(renames) > 1:
             raise ValueError(
                 f"the state dict holds several peft adapters for {prefix or 'this layer'!r} "
@@ -335,6 +397,7 @@ class LoRALinear(nn.Module):
             bias=bias,
             dropout_p=dropout_p,
             backend=backend_for_device(self.backend, x.device),
+            magnitude=self.lora_magnitude_vector,
         )
         return y.to(x.dtype) if self.quantized else y
 
@@ -348,12 +411,27 @@ class LoRALinear(nn.Module):
             x = x.to(self.lora_A.weight.dtype)
         x = nn.functional.dropout(x, dropout_p, training=dropout_p > 0)
         lora = self.lora_B(self.lora_A(x)) * self.scaling
+        if self.use_dora:
+            lora = self._unfused_dora_term(x, base_output, lora, dropout_p)
         return base_output + lora.to(base_output.dtype)
+
+    def _unfused_dora_term(self, x_dropped, base_output, lora, dropout_p) -> torch.Tensor:
+        """(g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ lora, as peft's ``DoraLinearLayer`` computes it."""
+        weight = self.weight
+        norm = weight_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        g = self.lora_magnitude_vector.to(norm.dtype) / norm
+        if dropout_p > 0:
+            dense = weight.dequantize(x_dropped.dtype) if self.quantized else weight
+            dropped_base = nn.functional.linear(x_dropped, dense.to(x_dropped.dtype))
+        else:
+            bias = self.base_layer.bias
+            dropped_base = base_output if bias is None else base_output - bias
+        return (g - 1) * dropped_base + g * lora
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
             f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
-            f"backend={self.backend!r}, merged={self.merged}"
+            f"use_dora={self.use_dora}, backend={self.backend!r}, merged={self.merged}"
         )

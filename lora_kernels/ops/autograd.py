@@ -85,6 +85,67 @@ def register_op_pair(forward_op, backward_op, *, with_fake: bool = True) -> None
 
 
 # --------------------------------------------------------------------------
+# The DoRA op pair (backends with the DoRA capability)
+# --------------------------------------------------------------------------
+
+
+def dora_forward_fake(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed):
+    _check_one_device(x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, g=g, seed=seed)
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def dora_backward_fake(grad_y, x, weight, lora_A, lora_B, g, Z, scaling, dropout_p, seed,
+                       output_mask):  # fmt: skip
+    _check_one_device(x, grad_y=grad_y, weight=weight, lora_A=lora_A, lora_B=lora_B, g=g, Z=Z)
+    shapes_like = (x, g.new_empty(weight.shape[0], dtype=x.dtype), lora_A, lora_B, g)
+    return tuple(
+        t.new_empty(t.shape) if needed else x.new_empty(0)
+        for t, needed in zip(shapes_like, output_mask, strict=True)
+    )
+
+
+def _dora_setup_context(ctx, inputs, output):
+    x, weight, _bias, lora_A, lora_B, g, scaling, dropout_p, seed = inputs
+    _, Z = output
+    # Saved: x, the parameters, g, Z (M×N, for grad_g) and the seed -- never x̃,
+    # a mask or S (recomputed: M×r).
+    ctx.save_for_backward(x, weight, lora_A, lora_B, g, Z, seed)
+    ctx.mark_non_differentiable(Z)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _make_dora_backward(backward_op: Callable) -> Callable:
+    def backward(ctx, grad_y, grad_Z):
+        x, weight, lora_A, lora_B, g, Z, seed = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if needs[1]:
+            raise RuntimeError("the base weight of a DoRA layer takes no gradient (it is frozen)")
+        mask = [needs[0], needs[2], needs[3], needs[4], needs[5]]  # x, bias, A, B, g
+        if not any(mask):
+            return (None,) * 9
+        grads = backward_op(
+            grad_y, x, weight, lora_A, lora_B, g, Z, ctx.scaling, ctx.dropout_p, seed, mask
+        )
+        grad_x, grad_b, grad_A, grad_B, grad_g = (
+            t if m else None for t, m in zip(grads, mask, strict=True)
+        )
+        return grad_x, None, grad_b, grad_A, grad_B, grad_g, None, None, None
+
+    return backward
+
+
+def register_dora_pair(forward_op, backward_op, *, with_fake: bool = True) -> None:
+    """Register fake implementations (unless the op traces itself) and the
+    autograd formula of a backend's DoRA op pair."""
+    if with_fake:
+        torch.library.register_fake(forward_op)(dora_forward_fake)
+        torch.library.register_fake(backward_op)(dora_backward_fake)
+    torch.library.register_autograd(
+        forward_op, _make_dora_backward(backward_op), setup_context=_dora_setup_context
+    )
+
+
+# --------------------------------------------------------------------------
 # The NF4 op pair (ops/nf4_op.py)
 # --------------------------------------------------------------------------
 
@@ -145,6 +206,59 @@ def register_nf4_op_pair() -> None:
     torch.library.register_fake("lora_kernels::nf4_lora_backward")(_nf4_lora_backward_fake)
     torch.library.register_autograd(
         "lora_kernels::nf4_lora_forward", _nf4_backward, setup_context=_nf4_setup_context
+    )
+
+
+def _nf4_dora_forward_fake(x, packed, absmax, offset, absmax2, code2, bias, lora_A, lora_B, g,
+                           scaling, dropout_p, seed, blocksize, out_features, backend):  # fmt: skip
+    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], out_features))
+
+
+def _nf4_dora_backward_fake(grad_y, x, packed, absmax, offset, absmax2, code2, lora_A, lora_B, g,
+                            Z, scaling, dropout_p, seed, blocksize, out_features, backend,
+                            output_mask):  # fmt: skip
+    shapes = (x.shape, (out_features,), lora_A.shape, lora_B.shape, g.shape)
+    dtypes = (x.dtype, x.dtype, lora_A.dtype, lora_B.dtype, g.dtype)
+    return tuple(
+        x.new_empty(shape, dtype=dtype) if needed else x.new_empty(0)
+        for shape, dtype, needed in zip(shapes, dtypes, output_mask, strict=True)
+    )
+
+
+def _nf4_dora_setup_context(ctx, inputs, output):
+    (x, packed, absmax, offset, absmax2, code2, _bias, lora_A, lora_B, g, scaling, dropout_p,
+     seed, blocksize, out_features, backend) = inputs  # fmt: skip
+    _, Z = output
+    # The quantized weight is saved, never its dequantized copy.
+    ctx.save_for_backward(x, packed, absmax, offset, absmax2, code2, lora_A, lora_B, g, Z, seed)
+    ctx.mark_non_differentiable(Z)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.blocksize, ctx.out_features, ctx.backend = blocksize, out_features, backend
+
+
+def _nf4_dora_backward(ctx, grad_y, grad_Z):
+    x, packed, absmax, offset, absmax2, code2, lora_A, lora_B, g, Z, seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[6], needs[7], needs[8], needs[9]]  # x, bias, A, B, g
+    if any(needs[i] for i in (1, 2, 3, 4, 5)):
+        raise RuntimeError("the NF4 base weight takes no gradient (it is frozen)")
+    grads = (None,) * 5
+    if any(mask):
+        grads = torch.ops.lora_kernels.nf4_dora_backward(
+            grad_y, x, packed, absmax, offset, absmax2, code2, lora_A, lora_B, g, Z,
+            ctx.scaling, ctx.dropout_p, seed, ctx.blocksize, ctx.out_features, ctx.backend, mask,
+        )  # fmt: skip
+    grad_x, grad_b, grad_A, grad_B, grad_g = (
+        t if m else None for t, m in zip(grads, mask, strict=True)
+    )
+    return (grad_x, None, None, None, None, None, grad_b, grad_A, grad_B, grad_g) + (None,) * 6
+
+
+def register_nf4_dora_pair() -> None:
+    torch.library.register_fake("lora_kernels::nf4_dora_forward")(_nf4_dora_forward_fake)
+    torch.library.register_fake("lora_kernels::nf4_dora_backward")(_nf4_dora_backward_fake)
+    torch.library.register_autograd(
+        "lora_kernels::nf4_dora_forward", _nf4_dora_backward, setup_context=_nf4_dora_setup_context
     )
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..quant.nf4 import NF4Weight
 from . import schemas
-from .autograd import nf4_weight_of, register_nf4_op_pair
+from .autograd import nf4_weight_of, register_nf4_dora_pair, register_nf4_op_pair
 from .registry import NF4Matmul, get_backend
 
 
@@ -47,7 +47,7 @@ def dequantizing(
         dense = dequantize(weight, x.dtype) if mask[0] else x.new_zeros(()).expand(weight.shape)
         return backend.backward(grad_y, x, dense, lora_A, lora_B, S, scaling, dropout_p, seed, mask)
 
-    return NF4Matmul(forward, backward)
+    return NF4Matmul(forward, backward, dequantize)
 
 
 DEQUANTIZE = dequantizing(lambda weight, dtype: weight.dequantize(dtype))
@@ -89,6 +89,41 @@ def nf4_lora_backward(grad_y, x, packed, absmax, offset, absmax2, code2, lora_A,
 register_nf4_op_pair()
 
 
+def _dense_weight(name: str, weight: NF4Weight, dtype: torch.dtype):
+    """The DoRA pair's dense W0 from ``name``'s dequantizer, for one op call."""
+    impl, matmul = _matmul_of(name)
+    return impl, (matmul.dequantize or NF4Weight.dequantize)(weight, dtype)
+
+
+@torch.library.custom_op(
+    "lora_kernels::nf4_dora_forward", mutates_args=(), schema=schemas.NF4_DORA_FORWARD
+)
+def nf4_dora_forward(x, packed, absmax, offset, absmax2, code2, bias, lora_A, lora_B, g,
+                     scaling, dropout_p, seed, blocksize, out_features, backend):  # fmt: skip
+    weight = nf4_weight_of(x, packed, absmax, offset, absmax2, code2, blocksize, out_features)
+    impl, dense = _dense_weight(backend, weight, x.dtype)
+    return impl.dora.forward(x, dense, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
+
+
+@torch.library.custom_op(
+    "lora_kernels::nf4_dora_backward", mutates_args=(), schema=schemas.NF4_DORA_BACKWARD
+)
+def nf4_dora_backward(grad_y, x, packed, absmax, offset, absmax2, code2, lora_A, lora_B, g, Z,
+                      scaling, dropout_p, seed, blocksize, out_features, backend,
+                      output_mask):  # fmt: skip
+    weight = nf4_weight_of(x, packed, absmax, offset, absmax2, code2, blocksize, out_features)
+    if output_mask[0]:
+        impl, dense = _dense_weight(backend, weight, x.dtype)
+    else:  # only dx reads W0: a stand-in of its shape, no memory
+        impl, dense = get_backend(backend), x.new_zeros(()).expand(weight.shape)
+    return impl.dora.backward(
+        grad_y, x, dense, lora_A, lora_B, g, Z, scaling, dropout_p, seed, list(output_mask)
+    )
+
+
+register_nf4_dora_pair()
+
+
 def nf4_forward(
     x: torch.Tensor,
     weight: NF4Weight,
@@ -118,4 +153,25 @@ def nf4_forward(
         weight.out_features,
         backend,
     )
+    return y
+
+
+def nf4_dora(
+    x: torch.Tensor,
+    weight: NF4Weight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    g: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """y (M, N) of 2-D x through the NF4 DoRA op on ``backend`` (autograd-aware)."""
+    y, _ = nf4_dora_forward(
+        x, weight.packed, weight.absmax, weight.offset, weight.absmax2, weight.code2, bias,
+        lora_A, lora_B, g, scaling, dropout_p, seed, weight.blocksize, weight.out_features,
+        backend,
+    )  # fmt: skip
     return y

@@ -36,6 +36,18 @@ class NF4Matmul:
 
     forward: Callable
     backward: Callable
+    # W0 dense in a dtype for the ops that take it so (the DoRA pair): the
+    # backend's dequantize kernel (None: NF4Weight.dequantize, tensor ops).
+    dequantize: Callable | None = None
+
+
+@dataclass(frozen=True)
+class DoraOps:
+    """A backend's DoRA op pair (contract: ``ops/schemas.py``): the registered,
+    autograd-aware ``forward``/``backward`` ops."""
+
+    forward: Callable
+    backward: Callable
 
 
 @dataclass(frozen=True)
@@ -49,8 +61,8 @@ class Backend:
     ``device_types`` the kinds of device it is built for (None: every kind),
     whether or not this machine can run it there. ``nf4`` is how it multiplies
     by an NF4 weight (None: it dequantizes the weight with tensor ops into a
-    buffer for each GEMM, then runs the dense op); ``dora`` is reserved for
-    its fused DoRA op pair (None: none yet).
+    buffer for each GEMM, then runs the dense op); ``dora`` its DoRA op pair
+    (None: it has none, and DoRA calls go to a backend that has).
     """
 
     name: str
@@ -60,18 +72,20 @@ class Backend:
     dtypes: frozenset[torch.dtype] = field(default=_FLOAT_DTYPES)
     device_types: frozenset[str] | None = None
     nf4: NF4Matmul | None = None
-    dora: object | None = None
+    dora: DoraOps | None = None
 
     def serves(self, device: torch.device) -> bool:
         """Whether ``device`` is of a kind this backend is built for."""
         return self.device_types is None or device.type in self.device_types
 
-    def unsupported(self, x: torch.Tensor) -> str | None:
-        """Why this backend cannot run on ``x`` (None when it can)."""
+    def unsupported(self, x: torch.Tensor, *, dora: bool = False) -> str | None:
+        """Why this backend cannot run on ``x`` (with ``dora``: the DoRA op), None when it can."""
         reason = self.unavailable(x.device)
         if reason is None and x.dtype not in self.dtypes:
             names = ", ".join(sorted(dtype_name(d) for d in self.dtypes))
             reason = f"it supports x dtypes {names}, got {dtype_name(x.dtype)}"
+        if reason is None and dora and self.dora is None:
+            reason = "it has no DoRA kernels"
         return reason
 
 
@@ -150,8 +164,8 @@ def backend_for_device(name: str, device: torch.device) -> str:
     return "auto"
 
 
-def resolve_backend(name: str, x: torch.Tensor) -> Backend:
-    """The backend that runs ``x`` for the requested ``name``.
+def resolve_backend(name: str, x: torch.Tensor, *, dora: bool = False) -> Backend:
+    """The backend that runs ``x`` (with ``dora``: the DoRA op) for the requested ``name``.
 
     ``auto`` takes ``LORA_KERNELS_BACKEND`` when it is set and names a backend
     built for x's kind of device; otherwise it tries ``AUTO_ORDER`` for x's
@@ -165,11 +179,11 @@ def resolve_backend(name: str, x: torch.Tensor) -> Backend:
     if name == "auto":
         for candidate in AUTO_ORDER.get(x.device.type, DEFAULT_ORDER):
             backend = get_backend(candidate)
-            if backend.unsupported(x) is None:
+            if backend.unsupported(x, dora=dora) is None:
                 return backend
         raise AssertionError("unreachable: the torch backend supports every input")
     backend = get_backend(name)
-    reason = backend.unsupported(x)
+    reason = backend.unsupported(x, dora=dora)
     if reason is not None:
         raise RuntimeError(f"lora_kernels backend {name!r} cannot run this input: {reason}")
     return backend

@@ -39,6 +39,22 @@ LORA_BACKWARD = (
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
+# The DoRA op pair every backend with the DoRA capability implements. g = m / ‖W0 + s·B·A‖
+# (per output row, fp32, the norm treated as a constant) scales the output columns:
+#   y = x·W0ᵀ + b + (g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ      (x̃ = dropout(x); at p = 0,
+#   y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b). forward returns (y, Z) with Z = x̃·W0ᵀ + s·(x̃·Aᵀ)·Bᵀ
+# in x's dtype, saved for grad_g = Σ_rows grad_y ⊙ Z; backward returns (grad_x, grad_bias,
+# grad_A, grad_B, grad_g), W0 frozen.
+DORA_FORWARD = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor g, "
+    "float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor)"
+)
+DORA_BACKWARD = (
+    "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor g, Tensor Z, "
+    "float scaling, float dropout_p, Tensor? seed, bool[5] output_mask) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
 # The NF4 op pair: the weight as its quantized tensors (NF4Weight's fields), the
 # backend that runs it by name; backward returns (grad_x, grad_bias, grad_A, grad_B).
 NF4_LORA_FORWARD = (
@@ -51,6 +67,20 @@ NF4_LORA_BACKWARD = (
     "Tensor? code2, Tensor lora_A, Tensor lora_B, Tensor S, float scaling, float dropout_p, "
     "Tensor? seed, int blocksize, int out_features, str backend, bool[] output_mask) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+# The NF4 DoRA op pair: the DoRA pair's arguments with the weight as above; backward
+# returns (grad_x, grad_bias, grad_A, grad_B, grad_g).
+NF4_DORA_FORWARD = (
+    "(Tensor x, Tensor packed, Tensor absmax, Tensor? offset, Tensor? absmax2, Tensor? code2, "
+    "Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor g, float scaling, float dropout_p, "
+    "Tensor? seed, int blocksize, int out_features, str backend) -> (Tensor, Tensor)"
+)
+NF4_DORA_BACKWARD = (
+    "(Tensor grad_y, Tensor x, Tensor packed, Tensor absmax, Tensor? offset, Tensor? absmax2, "
+    "Tensor? code2, Tensor lora_A, Tensor lora_B, Tensor g, Tensor Z, float scaling, "
+    "float dropout_p, Tensor? seed, int blocksize, int out_features, str backend, "
+    "bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 # A fresh 63-bit dropout seed from torch's default generator for `device`.

@@ -115,3 +115,26 @@ def check_lora_args(x, weight, lora_A, lora_B, bias) -> None:
             raise ValueError(
                 f"{name} is on {value.device} but x is on {x.device}; move both to one device"
             )
+
+
+def check_magnitude(magnitude, x, weight) -> None:
+    """DoRA's magnitude m: a floating (out_features,) tensor in x's dtype or the
+    accumulate dtype, on x's device; W0 frozen."""
+    _require_tensor(magnitude, "magnitude")
+    N = weight.shape[0]
+    if magnitude.dim() != 1 or magnitude.shape[0] != N:
+        raise ValueError(
+            f"magnitude must have shape (out_features,) = ({N},), got {tuple(magnitude.shape)}"
+        )
+    allowed = {x.dtype, accumulate_dtype(x.dtype)}
+    if magnitude.dtype not in allowed:
+        names = " or ".join(sorted(dtype_name(d) for d in allowed))
+        raise TypeError(f"magnitude must be {names} for x of dtype {dtype_name(x.dtype)}, got "
+                        f"{dtype_name(magnitude.dtype)}")  # fmt: skip
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}")
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        raise ValueError(
+            "weight requires grad, but DoRA's base weight is frozen (its norm is a constant): "
+            "call weight.requires_grad_(False)"
+        )

@@ -241,10 +241,14 @@ def test_refuses_peft_state_dicts_it_cannot_represent():
     # Even with strict=False: dropping DoRA's magnitude or lora_B's bias would
     # silently compute something else.
     dora = _peft_layer(use_dora=True).state_dict()
-    with pytest.raises(ValueError, match=r"lora_magnitude_vector.*not part of a plain LoRA"):
+    with pytest.raises(
+        ValueError, match=r"lora_magnitude_vector.*not part of this layer.s adapter"
+    ):
         LoRALinear(12, 7, r=3).load_state_dict(dora, strict=False)
     lora_bias = _peft_layer(lora_bias=True).state_dict()
-    with pytest.raises(ValueError, match=r"lora_B\.default\.bias.*not part of a plain LoRA"):
+    with pytest.raises(
+        ValueError, match=r"lora_B\.default\.bias.*not part of this layer.s adapter"
+    ):
         LoRALinear(12, 7, r=3).load_state_dict(lora_bias, strict=False)
 
 

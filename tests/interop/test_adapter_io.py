@@ -326,3 +326,33 @@ def test_a_refused_file_leaves_the_model_as_it_was(tmp_path):
         load_adapter(model, tmp_path)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_dora_adapters_interchange_with_peft(tmp_path):
+    base = tiny_llama()
+    batch = token_batch()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
+                             init_lora_weights=False)  # fmt: skip
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "peft", is_trainable=True)
+    layers = [m for m in ours.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 2 * len(TARGETS) and all(layer.use_dora for layer in layers)
+    assert all(layer.lora_magnitude_vector.requires_grad for layer in layers)
+    torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=1e-5, atol=1e-5)
+
+    save_adapter(ours, tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True
+    assert (
+        safetensors_torch.load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
+        == safetensors_torch.load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    )
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    torch.testing.assert_close(logits(back, batch), logits(theirs, batch), rtol=1e-5, atol=1e-5)
+
+    # A DoRA file does not load onto plain LoRA layers, nor the reverse.
+    with pytest.raises(ValueError, match="use_dora=False, the adapter use_dora=True"):
+        load_adapter(
+            inject_lora(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8), tmp_path / "ours"
+        )

@@ -377,3 +377,22 @@ def test_conv1d_subclasses_with_their_own_forward_are_not_targets():
         inject_lora(model, ["0"], r=2)
     with pytest.raises(TypeError, match="linear must be"):
         LoRALinear.from_linear(model[0], r=2)
+
+
+def test_dora_injection_counts_and_merges_like_peft():
+    peft = pytest.importorskip("peft")
+    model = inject_lora(TinyNet(d=32), ["q_proj", "v_proj"], r=4, use_dora=True)
+    theirs = peft.get_peft_model(
+        TinyNet(d=32), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    )
+    assert trainable_parameters(model)[:2] == theirs.get_nb_trainable_parameters()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.weight.normal_()
+                layer.lora_magnitude_vector.mul_(1.5)
+    x = torch.randn(3, 32)
+    adapted = model(x)
+    merge_and_unload(model)
+    assert not lora_names(model)
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)

@@ -218,12 +218,12 @@ def test_set_adapter_and_mixed_batches(three_models, fused_calls):
 
 
 def test_unsupported_layers_are_reported_and_left_on_peft(fused_calls):
-    dora = peft_model(tiny_llama(), use_dora=True)
+    variant = peft_model(tiny_llama(), alora_invocation_tokens=[3, 4])  # another LoRA variant
     batch = token_batch()
-    before = logits(dora, batch)
-    with pytest.warns(peft_patch_module.PeftFallbackWarning, match=r"DoraLinearVariant.*q_proj"):
-        assert patch_peft(dora) == 0
-    assert torch.equal(logits(dora, batch), before)
+    before = logits(variant, batch)
+    with pytest.warns(peft_patch_module.PeftFallbackWarning, match=r"ALoraLinearVariant.*q_proj"):
+        assert patch_peft(variant) == 0
+    assert torch.equal(logits(variant, batch), before)
     assert not fused_calls
 
     # Patched later with several active adapters: reported, not patched.
@@ -234,7 +234,24 @@ def test_unsupported_layers_are_reported_and_left_on_peft(fused_calls):
         assert patch_peft(model) == 0
 
 
-def test_switching_a_patched_model_to_dora_falls_back(three_models, fused_calls):
+def test_peft_dora_layers_fuse(fused_calls):
+    reference = peft_model(tiny_llama(), use_dora=True)
+    patched = copy.deepcopy(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PeftFallbackWarning)
+        assert patch_peft(patched) == 2 * len(TARGETS)
+    batch = token_batch()
+    ref_loss, ref_logits, ref_grads = loss_and_grads(reference, batch)
+    loss, out, grads = loss_and_grads(patched, batch)
+    assert len(fused_calls) == 2 * len(TARGETS)
+    assert any(key.endswith("lora_magnitude_vector") for key in grads)
+    torch.testing.assert_close(out, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_switching_a_patched_model_to_dora_stays_fused(three_models, fused_calls):
     reference, patched, _ = three_models
     for model in (reference, patched):
         torch.manual_seed(11)
@@ -242,7 +259,7 @@ def test_switching_a_patched_model_to_dora_falls_back(three_models, fused_calls)
         model.set_adapter("dora")
     batch = token_batch()
     torch.testing.assert_close(logits(patched, batch), logits(reference, batch))
-    assert not fused_calls
+    assert len(fused_calls) == 2 * len(TARGETS)
 
 
 def gpt2_peft_models(**config) -> tuple[nn.Module, nn.Module]:

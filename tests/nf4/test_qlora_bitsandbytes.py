@@ -455,3 +455,34 @@ def test_a_hooked_call_does_not_break_the_layer_on_bitsandbytes_cpu_eval():
         # bitsandbytes' CPU kernel rounds differently from the dequantized GEMM.
         torch.testing.assert_close(y, before, rtol=3e-2, atol=3e-2)
     assert repacked or torch.equal(after, before)
+
+
+def test_qdora_on_bitsandbytes_layers_as_peft():
+    # peft's DoRA on Linear4bit bases: patched, and as LoRALinear(use_dora=True).
+    peft = pytest.importorskip("peft")
+    from tiny_llama import TARGETS, tiny_llama, token_batch
+
+    base = _to_4bit(tiny_llama().to(torch.bfloat16))
+    base.is_loaded_in_4bit = True
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, use_dora=True
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    ours = lora_kernels.inject_lora(copy.deepcopy(base), TARGETS, r=4, lora_alpha=8, use_dora=True)
+    adapter = {
+        k.removeprefix("base_model.model."): v
+        for k, v in theirs.state_dict().items()
+        if ".lora_" in k
+    }
+    assert not ours.load_state_dict(adapter, strict=False).unexpected_keys
+    batch = token_batch()
+    ref_logits, ref_grads = _step(theirs, batch)
+    assert lora_kernels.patch_peft(theirs) == 4
+    for model in (theirs, ours):
+        logits, grads = _step(model, batch)
+        torch.testing.assert_close(logits, ref_logits, rtol=2e-2, atol=2e-2)
+        assert grads.keys() == ref_grads.keys()
+        assert any(key.endswith("lora_magnitude_vector") for key in grads)
+        for key, grad in grads.items():
+            scale = ref_grads[key].abs().max()
+            assert (grad - ref_grads[key]).abs().max() <= 0.05 * scale, key

@@ -30,6 +30,7 @@ INTERPRETED_TRITON = ("triton",) if os.environ.get("TRITON_INTERPRET") == "1" el
 # Backward output masks the samples cover: everything, the LoRA training set, the rest.
 DENSE_MASKS = ([True] * 5, [True, False, False, True, True], [False, True, True, False, False])
 NF4_MASKS = ([True] * 4, [True, False, True, True], [False, True, False, False])
+DORA_MASKS = ([True] * 5, [True, False, True, True, True], [False, True, False, False, True])
 
 
 @dataclass(frozen=True)
@@ -250,9 +251,133 @@ def _seed_samples(device: str) -> Iterator[Sample]:
     yield Sample((torch.device(device),), torch.int64)
 
 
+# --------------------------------------------------------------------------
+# DoRA ops
+# --------------------------------------------------------------------------
+
+
+def _dora_forward_samples(device: str, dtypes) -> Iterator[Sample]:
+    for sample in _dense_forward_samples(device, dtypes):
+        x, weight, bias, lora_A, lora_B, scaling, p, seed = sample.args
+        g = 1.0 + 0.5 * torch.rand(weight.shape[0], device=device, dtype=torch.float64)
+        g = g.to(lora_A.dtype if lora_A.dtype != torch.bfloat16 else torch.float32)
+        yield Sample((x, weight, bias, lora_A, lora_B, g, scaling, p, seed), sample.dtype)
+
+
+def _dora_backward_samples(forward, device: str, dtypes) -> Iterator[Sample]:
+    for sample in _dora_forward_samples(device, dtypes):
+        x, weight, _, lora_A, lora_B, g, scaling, p, seed = sample.args
+        _, Z = forward()(*sample.args)
+        grad_y = torch.randn(x.shape[0], weight.shape[0], dtype=x.dtype, device=device)
+        for mask in DORA_MASKS:
+            args = (grad_y, x, weight, lora_A, lora_B, g, Z, scaling, p, seed, mask)
+            yield Sample(args, sample.dtype)
+
+
+def _dora_forward_reference(x, weight, bias, lora_A, lora_B, g, scaling, p, seed):
+    args = [_float64(a) for a in (x, weight, bias, lora_A, lora_B, g)]
+    return reference.dora_forward(*args, scaling, p, seed)
+
+
+def _dora_backward_reference(grad_y, x, weight, lora_A, lora_B, g, Z, scaling, p, seed, mask):
+    args = [_float64(a) for a in (grad_y, x, weight, lora_A, lora_B, g, Z)]
+    return reference.dora_backward(*args, scaling, p, seed, mask)
+
+
+def _dora_cases(name: str) -> list[OpCase]:
+    backend = lambda: get_backend(name)  # noqa: E731
+    dtypes = lambda device: [  # noqa: E731
+        d
+        for d in (torch.float32, torch.float64, torch.bfloat16)
+        if d in backend().dtypes and (device == "cuda" or d != torch.bfloat16)
+    ]
+
+    def unavailable(device: str) -> str | None:
+        reason = get_backend(name).unavailable(torch.device(device))
+        return reason or (None if backend().dora else "it has no DoRA kernels")
+
+    forward = lambda: backend().dora.forward  # noqa: E731
+    return [
+        OpCase(
+            f"{name}-dora-forward",
+            forward,
+            lambda device: _dora_forward_samples(device, dtypes(device)),
+            ("cpu", "cuda"),
+            _dora_forward_reference,
+            unavailable,
+            _untraceable(name),
+        ),
+        OpCase(
+            f"{name}-dora-backward",
+            lambda: backend().dora.backward,
+            lambda device: _dora_backward_samples(forward, device, dtypes(device)),
+            ("cpu", "cuda"),
+            _dora_backward_reference,
+            unavailable,
+            _untraceable(name),
+        ),
+    ]
+
+
+def _nf4_dora_forward_samples(device: str, backend: str) -> Iterator[Sample]:
+    for sample in _nf4_forward_samples(device, backend):
+        args = list(sample.args)
+        g = 1.0 + 0.5 * torch.rand(40, device=device)
+        yield Sample((*args[:9], g, *args[9:]), sample.dtype)
+
+
+def _nf4_dora_backward_samples(device: str, backend: str) -> Iterator[Sample]:
+    for sample in _nf4_dora_forward_samples(device, backend):
+        x, packed, absmax, offset, absmax2, code2, _, A, B, g, s, p, seed = sample.args[:13]
+        _, Z = ops.nf4_dora_forward(*sample.args)
+        grad_y = torch.randn(x.shape[0], 40, dtype=x.dtype, device=device)
+        for mask in DORA_MASKS:
+            args = (grad_y, x, packed, absmax, offset, absmax2, code2, A, B, g, Z, s, p, seed,
+                    32, 40, backend, mask)  # fmt: skip
+            yield Sample(args, sample.dtype)
+
+
+def _nf4_dora_forward_reference(x, packed, absmax, offset, absmax2, code2, bias, A, B, g, s, p,
+                                seed, blocksize, out_features, backend):  # fmt: skip
+    weight = _nf4_dense_weight(x, packed, absmax, offset, absmax2, code2, blocksize, out_features)
+    return _dora_forward_reference(x, weight, bias, A, B, g, s, p, seed)
+
+
+def _nf4_dora_backward_reference(grad_y, x, packed, absmax, offset, absmax2, code2, A, B, g, Z, s,
+                                 p, seed, blocksize, out_features, backend, mask):  # fmt: skip
+    weight = _nf4_dense_weight(x, packed, absmax, offset, absmax2, code2, blocksize, out_features)
+    return _dora_backward_reference(grad_y, x, weight, A, B, g, Z, s, p, seed, mask)
+
+
+def _nf4_dora_cases(name: str) -> list[OpCase]:
+    unavailable = lambda device: _dora_cases(name)[0].unavailable(device)  # noqa: E731
+    return [
+        OpCase(
+            f"nf4-{name}-dora-forward",
+            lambda: ops.nf4_dora_forward.default,
+            lambda device: _nf4_dora_forward_samples(device, name),
+            ("cpu", "cuda"),
+            _nf4_dora_forward_reference,
+            unavailable,
+            _untraceable(name),
+        ),
+        OpCase(
+            f"nf4-{name}-dora-backward",
+            lambda: ops.nf4_dora_backward.default,
+            lambda device: _nf4_dora_backward_samples(device, name),
+            ("cpu", "cuda"),
+            _nf4_dora_backward_reference,
+            unavailable,
+            _untraceable(name),
+        ),
+    ]
+
+
 OPS: list[OpCase] = [
     *(case for name in ("torch", "cpu", "cuda", "triton") for case in _dense_cases(name)),
     *(case for name in ("torch", "cpu", "cuda", "triton") for case in _nf4_cases(name)),
+    *(case for name in ("torch", "cpu", "cuda", "triton") for case in _dora_cases(name)),
+    *(case for name in ("torch", "cpu", "cuda", "triton") for case in _nf4_dora_cases(name)),
     OpCase(
         "nf4_dequantize",
         lambda: ops.nf4_dequantize.default,

@@ -43,8 +43,9 @@ def _samples(case, device, *, traced: bool):
 
 @pytest.mark.parametrize(("case", "device"), _CASES)
 def test_opcheck(case, device):
+    samples = _samples(case, device, traced=True)
     op = case.op()
-    for sample in _samples(case, device, traced=True):
+    for sample in samples:
         torch.library.opcheck(op, sample.args)
 
 
@@ -52,8 +53,9 @@ def test_opcheck(case, device):
 def test_matches_float64_reference(case, device):
     if case.reference is None:
         pytest.skip("its output is random")
+    samples = _samples(case, device, traced=False)
     op = case.op()
-    for sample in _samples(case, device, traced=False):
+    for sample in samples:
         got = op(*sample.args)
         got = got if isinstance(got, tuple) else (got,)
         expected = case.reference(*sample.args)
@@ -71,10 +73,10 @@ def test_matches_float64_reference(case, device):
 def test_compiles_fullgraph(case, device):
     if case.reference is None:
         pytest.skip("its output is random")
+    samples = _samples(case, device, traced=True)
     op = case.op()
     torch._dynamo.reset()
     compiled = torch.compile(lambda *args: op(*args), fullgraph=True, backend="aot_eager")
-    samples = _samples(case, device, traced=True)
     # Each sample's dtypes, shapes and masks specialise a graph of their own.
     limit = torch._dynamo.config.patch(recompile_limit=len(samples) + 8)
     with limit:

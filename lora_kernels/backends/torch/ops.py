@@ -1,5 +1,6 @@
-"""The ``torch`` backend's op pair, ``lora_kernels::torch_lora_forward`` /
-``torch_lora_backward``: custom ops over the reference math (``reference.py``)."""
+"""The ``torch`` backend's op pairs, ``lora_kernels::torch_lora_{forward,backward}``
+and ``torch_dora_{forward,backward}``: custom ops over the reference math
+(``reference.py``)."""
 
 from __future__ import annotations
 
@@ -24,4 +25,20 @@ def torch_lora_backward(
 ):
     return reference.lora_backward(
         grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask
+    )
+
+
+@torch.library.custom_op(
+    "lora_kernels::torch_dora_forward", mutates_args=(), schema=schemas.DORA_FORWARD
+)
+def torch_dora_forward(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed):
+    return reference.dora_forward(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
+
+
+@torch.library.custom_op(
+    "lora_kernels::torch_dora_backward", mutates_args=(), schema=schemas.DORA_BACKWARD
+)
+def torch_dora_backward(grad_y, x, weight, lora_A, lora_B, g, Z, scaling, dropout_p, seed, mask):
+    return reference.dora_backward(
+        grad_y, x, weight, lora_A, lora_B, g, Z, scaling, dropout_p, seed, mask
     )

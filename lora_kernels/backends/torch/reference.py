@@ -82,3 +82,74 @@ def lora_backward(
         if need_b:
             grad_b = grad_y.sum(0)
     return grad_x, grad_w, grad_b, grad_a, grad_bb
+
+
+def dora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    g: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, Z) of the DoRA op for 2-D x (contract: ops/schemas.py): Z = x̃·W0ᵀ +
+    s·(x̃·Aᵀ)·Bᵀ, y = x·W0ᵀ + b + (g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ."""
+    acc = accumulate_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        x_dropped = _dropped_input(x, dropout_p, seed)
+        lora = (x_dropped @ lora_A.to(acc).t()) @ lora_B.to(acc).t() * scaling
+        base = (x @ weight.t()).to(acc)
+        dropped_base = base if dropout_p == 0.0 else x_dropped @ weight.to(acc).t()
+        Z = dropped_base + lora
+        y = base - dropped_base + g.to(acc) * Z
+        if bias is not None:
+            y = y + bias.to(acc)
+    return y.to(x.dtype), Z.to(x.dtype)
+
+
+def dora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    g: torch.Tensor,
+    Z: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_bias, grad_A, grad_B, grad_g) of the DoRA op; unrequested ones
+    empty. S = x̃·Aᵀ is recomputed (M×r, cheap) rather than saved."""
+    need_x, need_b, need_a, need_bb, need_g = output_mask
+    acc = accumulate_dtype(x.dtype)
+    grad_x, grad_b, grad_a, grad_bb, grad_g = (x.new_empty(0) for _ in range(5))
+    with torch.autocast(x.device.type, enabled=False):
+        dy = grad_y.to(acc)
+        g_acc = g.to(acc)
+        dy_g = dy * g_acc
+        x_dropped = _dropped_input(x, dropout_p, seed)
+        if need_x or need_a:
+            dS = dy_g @ lora_B.to(acc) * scaling
+        if need_bb:
+            S = x_dropped @ lora_A.to(acc).t()
+            grad_bb = (scaling * (dy_g.t() @ S)).to(lora_B.dtype)
+        if need_a:
+            grad_a = (dS.t() @ x_dropped).to(lora_A.dtype)
+        if need_x:
+            w = weight.to(acc)
+            if dropout_p == 0.0:
+                grad_x = (dy_g @ w + dS @ lora_A.to(acc)).to(x.dtype)
+            else:
+                dropped_term = (dy * (g_acc - 1.0)) @ w + dS @ lora_A.to(acc)
+                keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
+                grad_x = (dy @ w + dropped_term * keep * (1.0 / (1.0 - dropout_p))).to(x.dtype)
+        if need_b:
+            grad_b = grad_y.sum(0)
+        if need_g:
+            grad_g = (dy * Z.to(acc)).sum(0).to(g.dtype)
+    return grad_x, grad_b, grad_a, grad_bb, grad_g
