@@ -213,11 +213,11 @@ def record_training_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lora_kernels.backends.triton import (
-        backward_da,
-        backward_dx,
-        backward_dy,
+        dy_pass,
         forward_gemm,
         forward_gemm_persistent,
+        grad_a,
+        grad_x,
         shrink,
     )
     from lora_kernels.backends.triton._dropout import DropoutArgs
@@ -227,7 +227,7 @@ def record_training_step(
     gemm = " (NF4)" if quant == "nf4" else ""
 
     recorder = _Recorder()
-    modules = (shrink, forward_gemm, forward_gemm_persistent, backward_dy, backward_da, backward_dx)
+    modules = (shrink, forward_gemm, forward_gemm_persistent, dy_pass, grad_a, grad_x)
     names: list[str] = []
     with contextlib.ExitStack() as stack:
         for module in modules:
@@ -253,12 +253,12 @@ def record_training_step(
                 "forward GEMM" + gemm,
                 lambda: forward_gemm.forward_gemm(x, weight, None, S, lora_B, 2.0),
             ),
-            ("dy pass (dS)", lambda: backward_dy.dy_pass(grad_y, lora_B, S, 2.0, False)),
-            ("dB pass", lambda: backward_dy.grad_b_pass(grad_y, S, 2.0)),
-            ("dA pass", lambda: backward_da.grad_a_pass(dS, x, dropout)),
+            ("dy pass (dS)", lambda: dy_pass.dy_pass(grad_y, lora_B, S, 2.0, False)),
+            ("dB pass", lambda: dy_pass.grad_b_pass(grad_y, S, 2.0)),
+            ("dA pass", lambda: grad_a.grad_a_pass(dS, x, dropout)),
             (
                 "dx GEMM" + gemm,
-                lambda: backward_dx.grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout),
+                lambda: grad_x.grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout),
             ),
         )
         S = dS = None

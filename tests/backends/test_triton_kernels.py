@@ -49,8 +49,8 @@ if _REASON is None:
     from lora_kernels.backends.triton import _gemm_configs, _launch, ops
     from lora_kernels.backends.triton._dot import _round_to_tf32
     from lora_kernels.backends.triton._dropout import DropoutArgs, keep_mask
-    from lora_kernels.backends.triton.backward_da import grad_a_pass
-    from lora_kernels.backends.triton.backward_dy import dy_pass, grad_b_pass
+    from lora_kernels.backends.triton.dy_pass import dy_pass, grad_b_pass
+    from lora_kernels.backends.triton.grad_a import grad_a_pass
     from lora_kernels.backends.triton.shrink import shrink
 
     @triton.jit
@@ -574,7 +574,7 @@ def test_gemm_tile_heuristic(monkeypatch):
 
 
 def test_autotuning_is_opt_in(monkeypatch):
-    from lora_kernels.backends.triton import backward_dx, forward_gemm
+    from lora_kernels.backends.triton import forward_gemm, grad_x
 
     monkeypatch.delenv("LORA_KERNELS_AUTOTUNE", raising=False)
     device = torch.device(DEVICE)
@@ -590,7 +590,7 @@ def test_autotuning_is_opt_in(monkeypatch):
     )
     assert kernel is forward_gemm._forward_kernel
     assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= tile.keys()
-    for tuned in (forward_gemm._forward_kernel_tuned, backward_dx._grad_x_kernel_tuned):
+    for tuned in (forward_gemm._forward_kernel_tuned, grad_x._grad_x_kernel_tuned):
         assert isinstance(tuned, triton.runtime.Autotuner)
         assert tuned.keys == ["M_BUCKET", "N", "K", "R"]
     monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1")

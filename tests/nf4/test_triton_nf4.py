@@ -44,8 +44,8 @@ if _REASON is None:
     from lora_kernels.backends.triton import nf4_weight_tile as nf4_tile
     from lora_kernels.backends.triton._dropout import DropoutArgs
     from lora_kernels.backends.triton._gemm_configs import GemmTile
-    from lora_kernels.backends.triton.backward_dx import grad_x_gemm
     from lora_kernels.backends.triton.forward_gemm import forward_gemm
+    from lora_kernels.backends.triton.grad_x import grad_x_gemm
     from lora_kernels.backends.triton.nf4_weight_tile import WeightArgs
 
     _NF4_TILE = WeightArgs.tile  # the heuristic, before use_tile sets it aside
