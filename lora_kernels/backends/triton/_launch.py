@@ -21,10 +21,11 @@ MIN_DOT_BLOCK = 16
 # a rank chunk for a whole reduction: ranks above it add a grid dimension
 # (chunks of 128 spilled in the dA and dy passes on sm_90, by kernel_report).
 SKINNY_RANK_BLOCK = 64
-# Rank chunk of the GEMMs (forward, dx), which loop over the rank to seed
-# their accumulator: the smallest dot, so the chunk's fp32 operands (TF32
-# products) fit in registers beside a 128×256 accumulator (chunks of 32 or 64
-# spilled at r = 64 with fp32 adapters on sm_90, by kernel_report).
+# Rank chunk of the GEMMs (forward, dx), which loop over the rank for the
+# LoRA term that starts their accumulator (``_forward_tile.lora_term``): the
+# smallest dot, so the chunk's fp32 operands (TF32 products) fit in registers
+# beside a 128×256 accumulator (chunks of 32 or 64 spilled at r = 64 with fp32
+# adapters on sm_90, by kernel_report).
 GEMM_RANK_BLOCK = 16
 # Programs the interpreter is asked to keep busy: small enough that test
 # shapes of a few row tiles take the split-reduction path too.

@@ -29,7 +29,7 @@ from torch.library import wrap_triton
 from ...quant.nf4 import NF4Weight
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
-from ._forward_tile import lora_and_output_args, lora_seed, store_output
+from ._forward_tile import lora_and_output_args, lora_term, store_output
 from ._tiling import grouped_tile
 from .forward_gemm_persistent import applies, forward_gemm_persistent
 from .nf4_weight_tile import WeightArgs, load_weight_tile
@@ -89,7 +89,7 @@ def _forward_kernel(
     # by every program of a GEMV (nf4_weight_tile.GEMV_STEP).
     mask_m = offs_m < M
 
-    acc = lora_seed(
+    acc = lora_term(
         s_ptr,
         b_ptr,
         rows,
