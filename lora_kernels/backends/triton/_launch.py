@@ -1,12 +1,14 @@
 """Host-side launch decisions shared by the Triton kernels: block sizes for the
-rank dimension, how far to split a reduction, the precision of each dot, and
-whether the kernels run in Triton's interpreter."""
+rank dimension, how far to split a reduction (``plan_reduction``, the whole
+plan of a skinny kernel), the precision of each dot, and whether the kernels
+run in Triton's interpreter."""
 
 from __future__ import annotations
 
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -164,3 +166,58 @@ def fit_pipeline(
         if block <= 2 * MIN_DOT_BLOCK:
             return block, 1
         block //= 2
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """The launch of a skinny kernel (shrink, dy pass, dB, dA): programs
+    (output tile, rank chunk, split) over ``grid``, rank chunks of
+    ``block_r``, the reduction streamed in steps of ``block`` through
+    ``stages`` pipeline stages and split into ``splits`` chunks of
+    ``per_split`` (``reduction_split``)."""
+
+    block_r: int
+    block: int
+    stages: int
+    splits: int
+    per_split: int
+    grid: tuple[int, int, int]
+
+    def partials(self, like: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """The fp32 output of ``shape`` on ``like``'s device: the result itself
+        for one split, else one partial sum per split (``reduce`` adds them)."""
+        full = shape if self.splits == 1 else (self.splits, *shape)
+        return like.new_empty(full, dtype=torch.float32)
+
+    def split_stride(self, partials: torch.Tensor) -> int:
+        """The stride between the splits' partial sums (0 for one split)."""
+        return 0 if self.splits == 1 else partials.stride(0)
+
+    def reduce(self, partials: torch.Tensor) -> torch.Tensor:
+        """The result: the partial sums added in a fixed order (deterministic)."""
+        return partials if self.splits == 1 else partials.sum(0)
+
+
+def plan_reduction(
+    size: int,
+    tile: int,
+    length: int,
+    R: int,
+    compute_dtype: torch.dtype,
+    *operands: torch.dtype,
+    stage_bytes: Callable[[int, int], int],
+    device: torch.device,
+) -> ReductionPlan:
+    """The plan of a skinny kernel whose programs own ``tile`` of an output
+    dimension of ``size`` and a rank chunk of R, and reduce over ``length``:
+    the rank chunk (``rank_block``), the streaming block for inputs in
+    ``compute_dtype`` and operands of the dtypes ``operands``
+    (``stream_block``), shortened until ``stage_bytes(block, block_r)`` fits
+    the pipeline (``fit_pipeline``), and the split of the reduction over too
+    few programs (``reduction_split``)."""
+    block_r = rank_block(R, SKINNY_RANK_BLOCK)
+    block = stream_block(compute_dtype, *operands, block_r=block_r)
+    block, stages = fit_pipeline(lambda b: stage_bytes(b, block_r), block, device)
+    tiles, chunks = triton.cdiv(size, tile), triton.cdiv(R, block_r)
+    splits, per_split = reduction_split(tiles * chunks, length, block, device)
+    return ReductionPlan(block_r, block, stages, splits, per_split, (tiles, chunks, splits))
