@@ -1,7 +1,7 @@
 """Host-side launch decisions shared by the Triton kernels: block sizes for the
 rank dimension, how far to split a reduction (``plan_reduction``, the whole
-plan of a skinny kernel), the precision of each dot, and whether the kernels
-run in Triton's interpreter."""
+plan of a skinny kernel), the precision of each dot, whether the kernels run
+in Triton's interpreter, and the one launch point (``wrap_triton``)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ GEMM_RANK_BLOCK = 16
 # Programs the interpreter is asked to keep busy: small enough that test
 # shapes of a few row tiles take the split-reduction path too.
 INTERPRETER_PROGRAMS = 4
+
+
+# What ``wrap_triton`` hands each kernel to: torch's ``wrap_triton``, or the
+# recorder ``benchmarks/kernel_report.py`` puts here to record every launch.
+kernel_wrapper = torch.library.wrap_triton
+
+
+def wrap_triton(kernel: Callable):
+    """``kernel_wrapper(kernel)``: the one launch point of this backend. Every
+    launcher imports it under this name and launches with
+    ``wrap_triton(kernel)[grid](...)``, the form in which torch.library's
+    ``triton_op`` finds an op's kernels in its source (for torch.compile's
+    cache keys), and torch.compile traces into the ops through it."""
+    return kernel_wrapper(kernel)
 
 
 def rank_block(r: int, cap: int) -> int:

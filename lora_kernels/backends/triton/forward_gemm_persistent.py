@@ -27,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
 from ._forward_tile import lora_and_output_args, lora_term, store_output
+from ._launch import wrap_triton
 from ._tiling import grouped_tile
 
 try:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...quant.nf4 import NF4Weight
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
 from ._dropout import DropoutArgs, keep_mask, quad_aligned
 from ._forward_tile import lora_term
+from ._launch import wrap_triton
 from ._tiling import grouped_tile
 from .nf4_weight_tile import WeightArgs, load_weight_tile
 

@@ -2,7 +2,7 @@
 ``lora_kernels::triton_lora_backward`` (contract: lora_kernels/ops/schemas.py).
 
 Both are ``torch.library.triton_op``s launching their kernels through
-``wrap_triton``, so ``torch.compile`` traces into them (no fake
+``_launch.wrap_triton``, so ``torch.compile`` traces into them (no fake
 implementation is registered: the op body traces itself). Their bodies,
 ``lora_forward`` and ``lora_backward``, also multiply by an NF4 weight for
 the NF4 op (``NF4_MATMUL``, lora_kernels/ops/nf4_op.py), decoding its tiles

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import _launch
 from ._dot import mixed_dot
 from ._dropout import DropoutArgs, load_dropped_x, quad_aligned
+from ._launch import wrap_triton
 
 
 # M is not specialised: batches of any token count share one compiled kernel.
