@@ -75,6 +75,13 @@ def stream_block(compute_dtype: torch.dtype, *operands: torch.dtype, block_r: in
     return 64
 
 
+# No kernel specialises on M, the token count, or on what varies with it (the
+# GEMMs' M_BUCKET, a persistent grid's program count): each lists them in
+# ``do_not_specialize``, so that batches of any token count share one compiled
+# kernel instead of Triton compiling a variant for M = 1 and for M divisible
+# by 16. What depends on M (tiles, splits) is decided on the host (``size_hint``).
+
+
 def size_hint(n) -> int:
     """``n`` as an int; for a symbolic size (torch.compile) its example value,
     without a guard: launch heuristics read it, and any choice is correct."""

@@ -23,7 +23,7 @@ from ._dot import mixed_dot
 from ._launch import wrap_triton
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M"])
 def _dy_pass_kernel(
     dy_ptr,
@@ -107,7 +107,7 @@ def _dy_pass_kernel(
     )
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M"])
 def _grad_b_kernel(
     dy_ptr,

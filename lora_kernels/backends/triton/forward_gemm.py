@@ -11,7 +11,7 @@ store, K tails are masked.
 W0 is dense or NF4 (``W_NF4``): an NF4 W0's tiles are decoded in the K loop
 by ``nf4_weight_tile.load_weight_tile`` into exactly the tiles of
 ``weight.dequantize(x.dtype)``, a copy that never exists. Its tiles are
-NF4's own (``WeightArgs.tile``): a K step sized to the decode's registers,
+NF4's own (``_gemm_configs.weight_tile``): a K step sized to the decode's registers,
 the row block the longer edge (a tile's W0 is decoded once for all its
 rows), and for M ≤ 16 GEMV tiles that spread W0's bytes over every SM.
 
@@ -35,7 +35,7 @@ from .forward_gemm_persistent import applies, forward_gemm_persistent
 from .nf4_weight_tile import WeightArgs, load_weight_tile
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _forward_kernel(
     x_ptr,
@@ -86,7 +86,7 @@ def _forward_kernel(
     cols = offs_n % N
     # x's rows past M are not read, though: with M < BLOCK_M (decoding, a
     # few tokens) they would be copies of the first rows, read again from L2
-    # by every program of a GEMV (nf4_weight_tile.GEMV_STEP).
+    # by every program of a GEMV (_gemm_configs.GEMV_STEP).
     mask_m = offs_m < M
 
     acc = lora_term(
@@ -183,7 +183,9 @@ def forward_gemm(
     kernel, tile = _gemm_configs.launch_choice(
         _forward_kernel, _forward_kernel_tuned, M, N, x.dtype, x.device, "BLOCK_N", "BLOCK_K"
     )
-    tile = w.tile(tile, M, N, x.device, "BLOCK_N", "BLOCK_K", precision, gemv=True)
+    tile = _gemm_configs.weight_tile(
+        w, tile, M, N, x.device, "BLOCK_N", "BLOCK_K", precision, gemv=True
+    )
     wrap_triton(kernel)[grid](
         x,
         w.data,

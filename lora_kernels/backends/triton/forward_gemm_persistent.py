@@ -46,7 +46,7 @@ PERSISTENT_ENV_VAR = "LORA_KERNELS_PERSISTENT_GEMM"
 
 
 # Neither M nor the program count (which small outputs lower to their tile
-# count) is specialised: batches of any token count share one compiled kernel.
+# count) is specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M", "programs"])
 def _persistent_forward_kernel(
     x_desc,

@@ -23,7 +23,7 @@ from ._dropout import DropoutArgs, load_dropped_x, quad_aligned
 from ._launch import wrap_triton
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M"])
 def _grad_a_kernel(
     ds_ptr,

@@ -27,7 +27,7 @@ from ._tiling import grouped_tile
 from .nf4_weight_tile import WeightArgs, load_weight_tile
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _grad_x_kernel(
     dy_ptr,
@@ -178,7 +178,7 @@ def grad_x_gemm(
         "BLOCK_N",
         max_elements_per_thread=_MASKED_ELEMENTS_PER_THREAD if dropout.enabled else None,
     )
-    tile = w.tile(tile, M, K, x.device, "BLOCK_K", "BLOCK_N", precision)
+    tile = _gemm_configs.weight_tile(w, tile, M, K, x.device, "BLOCK_K", "BLOCK_N", precision)
     wrap_triton(kernel)[grid](
         grad_y,
         w.data,
