@@ -33,20 +33,12 @@ from lora_testing import (
     needs_compile_report,
     run_lora,
 )
+from triton_testing import DEVICE, REASON, TRITON_MARKS, _gemm_configs, _launch, tl, triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_REASON = get_backend("triton").unavailable(torch.device(DEVICE))
+pytestmark = TRITON_MARKS
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}"),
-]
-
-if _REASON is None:
-    import triton
-    import triton.language as tl
-
-    from lora_kernels.backends.triton import _gemm_configs, _launch, ops
+if REASON is None:
+    from lora_kernels.backends.triton import ops
     from lora_kernels.backends.triton._dot import _round_to_tf32
     from lora_kernels.backends.triton._dropout import DropoutArgs, keep_mask
     from lora_kernels.backends.triton.dy_pass import dy_pass, grad_b_pass

@@ -21,26 +21,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lora_kernels.ops.registry import get_backend
 from lora_kernels.ops.seed import draw_seed
 from lora_kernels.quant.nf4 import NF4Weight, quantize_nf4
 
 from lora_testing import AMPERE_REPORT, HOPPER_REPORT, compile_report, needs_compile_report
+from triton_testing import DEVICE, REASON, TRITON_MARKS, _gemm_configs, _launch, tl, triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_REASON = get_backend("triton").unavailable(torch.device(DEVICE))
+pytestmark = TRITON_MARKS
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}"),
-]
-
-if _REASON is None:
-    import triton
-    import triton.language as tl
-
+if REASON is None:
     from benchmarks import kernel_report
-    from lora_kernels.backends.triton import _gemm_configs, _launch
     from lora_kernels.backends.triton import nf4_weight_tile as nf4_tile
     from lora_kernels.backends.triton._dropout import DropoutArgs
     from lora_kernels.backends.triton._gemm_configs import GemmTile
@@ -393,7 +383,7 @@ def test_nf4_gemv_tiles_fill_the_gpu(monkeypatch, gpu, n, block_n):
     assert dx["BLOCK_N"] != 256
 
 
-if _REASON is None:
+if REASON is None:
 
     @triton.jit
     def _row_offsets_kernel(n_ptr, out_ptr, per_row, INT32: tl.constexpr, BLOCK: tl.constexpr):
