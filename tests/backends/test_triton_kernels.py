@@ -107,7 +107,7 @@ def run_ops(
 
 
 def check_against_oracle(problem, dtype, adapter_dtype=None, dropout_p=0.0, mask=ALL, layout=None):
-    """Triton vs the float64 oracle under DESIGN.md's rule; returns Triton's outputs."""
+    """Triton vs the float64 oracle under lora_testing's accuracy rule; returns Triton's outputs."""
     seed = draw_seed(DEVICE) if dropout_p > 0 else None
     got = run_ops(problem, "triton", dtype, adapter_dtype, dropout_p, seed, mask, layout)
     baseline = run_ops(problem, "torch", dtype, adapter_dtype, dropout_p, seed, mask, layout)
@@ -460,8 +460,8 @@ def test_import_without_triton():
     assert "triton could not be imported" in result.stdout
 
 
-# What the kernels compile to, as launched at the DESIGN shape (M=8192,
-# 4096→4096) on an H100/H200 and an A100, by Triton's real compiler without a
+# What the kernels compile to, as launched at kernel_report's default shape
+# (M=8192, 4096→4096) on an H100/H200 and an A100, by Triton's real compiler without a
 # GPU (benchmarks.kernel_report): every kernel of a training
 # step free of register spills, on tensor cores for fp16/bf16 inputs (wgmma on
 # Hopper, mma.sync on Ampere), and loading its big operands 128 bits at a time.

@@ -161,7 +161,7 @@ def test_needs_hopper(monkeypatch):
         assert applies(x, w) is expected, capability
 
 
-# kernel_report --persistent at the DESIGN shape (M=8192, 4096→4096, bf16) for
+# kernel_report --persistent at its default shape (M=8192, 4096→4096, bf16) for
 # an H100/H200: the persistent forward GEMM free of spills, on wgmma, fed by TMA.
 @needs_compile_report(DEVICE)
 def test_compiles_without_spills_on_wgmma_and_tma():
