@@ -46,6 +46,19 @@ from lora_kernels.backends.triton import _launch
 from lora_kernels.backends.triton.forward_gemm_persistent import TensorDescriptor
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What the report counts in each kernel's SASS: lines matching each regular expression.
+SASS_COUNTS = {
+    # Hopper warpgroup tensor-core instructions.
+    "wgmma": r"\bHGMMA\.",
+    # Warp-level tensor-core instructions (mma.sync).
+    "mma": r"\bHMMA\.",
+    # Global loads of 128 bits per thread.
+    "wide_global_loads": r"\bLDG(?:STS)?\.\S*128\b",
+    # Global loads, direct (LDG) or asynchronous copies into shared memory (LDGSTS).
+    "global_loads": r"\bLDG(?:STS)?\.",
+    "tma_loads": r"\bUTMALDG\b",
+    "local_memory_ops": r"\bLDL\b|\bSTL\b",
+}
 _TRITON_TYPES = {
     torch.float32: "fp32",
     torch.float16: "fp16",
@@ -91,29 +104,9 @@ class KernelReport:
         """Lines of the SASS matching the regular expression ``pattern``."""
         return len(re.findall(pattern, self.sass, flags=re.MULTILINE))
 
-    @property
-    def wgmma_ops(self) -> int:
-        """Hopper warpgroup tensor-core instructions."""
-        return self.count(r"\bHGMMA\.")
-
-    @property
-    def mma_ops(self) -> int:
-        """Warp-level tensor-core instructions (mma.sync)."""
-        return self.count(r"\bHMMA\.")
-
-    @property
-    def global_loads(self) -> int:
-        """Global loads, direct (LDG) or asynchronous copies into shared memory (LDGSTS)."""
-        return self.count(r"\bLDG(?:STS)?\.")
-
-    @property
-    def wide_global_loads(self) -> int:
-        """Global loads of 128 bits per thread."""
-        return self.count(r"\bLDG(?:STS)?\.\S*128\b")
-
-    @property
-    def tma_loads(self) -> int:
-        return self.count(r"\bUTMALDG\b")
+    def sass_counts(self) -> dict[str, int]:
+        """The ``SASS_COUNTS`` of this kernel, by name."""
+        return {name: self.count(pattern) for name, pattern in SASS_COUNTS.items()}
 
     def summary(self) -> dict:
         """The report's figures, without the SASS."""
@@ -126,17 +119,8 @@ class KernelReport:
             "registers": self.registers,
             "spill_bytes": self.spill_bytes,
             "shared_memory": self.shared_memory,
-            "wgmma": self.wgmma_ops,
-            "mma": self.mma_ops,
-            "wide_global_loads": self.wide_global_loads,
-            "global_loads": self.global_loads,
-            "tma_loads": self.tma_loads,
-            "local_memory_ops": self.local_memory_ops,
+            **self.sass_counts(),
         }
-
-    @property
-    def local_memory_ops(self) -> int:
-        return self.count(r"\bLDL\b|\bSTL\b")
 
 
 @contextlib.contextmanager
@@ -154,7 +138,8 @@ def pretend_gpu(gpu: Gpu) -> Iterator[None]:
 
 
 class _Recorder:
-    """Stands in for ``wrap_triton``: ``wrap_triton(kernel)[grid](...)`` records a Launch."""
+    """Stands in for torch's ``wrap_triton`` behind ``_launch.wrap_triton``, the
+    backend's one launch point: ``wrap_triton(kernel)[grid](...)`` records a Launch."""
 
     def __init__(self) -> None:
         self.launches: list[Launch] = []
@@ -213,11 +198,11 @@ def record_training_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lora_kernels.backends.triton import (
-        backward_da,
-        backward_dx,
-        backward_dy,
+        dy_pass,
         forward_gemm,
         forward_gemm_persistent,
+        grad_a,
+        grad_x,
         shrink,
     )
     from lora_kernels.backends.triton._dropout import DropoutArgs
@@ -227,11 +212,9 @@ def record_training_step(
     gemm = " (NF4)" if quant == "nf4" else ""
 
     recorder = _Recorder()
-    modules = (shrink, forward_gemm, forward_gemm_persistent, backward_dy, backward_da, backward_dx)
     names: list[str] = []
     with contextlib.ExitStack() as stack:
-        for module in modules:
-            stack.enter_context(mock.patch.object(module, "wrap_triton", recorder))
+        stack.enter_context(mock.patch.object(_launch, "kernel_wrapper", recorder))
         # Set either way: the report shows what its flag says, not the caller's environment.
         switch = {forward_gemm_persistent.PERSISTENT_ENV_VAR: "1" if persistent else "0"}
         stack.enter_context(mock.patch.dict(os.environ, switch))
@@ -253,12 +236,12 @@ def record_training_step(
                 "forward GEMM" + gemm,
                 lambda: forward_gemm.forward_gemm(x, weight, None, S, lora_B, 2.0),
             ),
-            ("dy pass (dS)", lambda: backward_dy.dy_pass(grad_y, lora_B, S, 2.0, False)),
-            ("dB pass", lambda: backward_dy.grad_b_pass(grad_y, S, 2.0)),
-            ("dA pass", lambda: backward_da.grad_a_pass(dS, x, dropout)),
+            ("dy pass (dS)", lambda: dy_pass.dy_pass(grad_y, lora_B, S, 2.0, False)),
+            ("dB pass", lambda: dy_pass.grad_b_pass(grad_y, S, 2.0)),
+            ("dA pass", lambda: grad_a.grad_a_pass(dS, x, dropout)),
             (
                 "dx GEMM" + gemm,
-                lambda: backward_dx.grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout),
+                lambda: grad_x.grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout),
             ),
         )
         S = dS = None
@@ -269,6 +252,8 @@ def record_training_step(
                 S = result
             elif name == "dy pass (dS)":
                 dS = result[0]
+            if len(recorder.launches) == before:
+                raise RuntimeError(f"{name}: no launch went through _launch.wrap_triton")
             for launch in recorder.launches[before:]:
                 persistent_gemm = (
                     launch.kernel is forward_gemm_persistent._persistent_forward_kernel
@@ -432,6 +417,7 @@ def format_table(reports: list[KernelReport]) -> str:
     )
     rows = [header]
     for rep in reports:
+        counts = rep.sass_counts()
         rows.append(
             (
                 rep.name,
@@ -441,11 +427,11 @@ def format_table(reports: list[KernelReport]) -> str:
                 str(rep.registers),
                 str(rep.spill_bytes),
                 str(-(-rep.shared_memory // 1024)),
-                str(rep.wgmma_ops),
-                str(rep.mma_ops),
-                f"{rep.wide_global_loads}/{rep.global_loads}",
-                str(rep.tma_loads),
-                str(rep.local_memory_ops),
+                str(counts["wgmma"]),
+                str(counts["mma"]),
+                f"{counts['wide_global_loads']}/{counts['global_loads']}",
+                str(counts["tma_loads"]),
+                str(counts["local_memory_ops"]),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -463,7 +449,8 @@ def format_table(reports: list[KernelReport]) -> str:
     return "\n".join(lines) + "\n\nconstexprs:\n" + blocks
 
 
-def main(argv: list[str] | None = None) -> list[KernelReport]:
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (0: every kernel compiled)."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.kernel_report",
         description=__doc__.split("\n\n")[0],
@@ -510,7 +497,7 @@ def main(argv: list[str] | None = None) -> list[KernelReport]:
     )
     if args.json:
         print(json.dumps([rep.summary() for rep in reports]))
-        return reports
+        return 0
     print(
         f"sm_{args.capability}, {args.sms} SMs: M={args.tokens}, {args.in_features}→"
         f"{args.out_features}, r={args.rank}, {args.dtype} (adapters {args.adapter_dtype}), "
@@ -524,8 +511,8 @@ def main(argv: list[str] | None = None) -> list[KernelReport]:
         for index, rep in enumerate(reports):
             slug = re.sub(r"[^a-z0-9]+", "_", rep.name.lower()).strip("_")
             (args.sass_dir / f"{index}_{slug}.sass").write_text(rep.sass)
-    return reports
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    sys.exit(main())

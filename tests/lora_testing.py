@@ -1,5 +1,5 @@
 """Shared test helpers: which backends run here, random LoRA problems, and
-the accuracy rule of DESIGN.md (error vs the float64 oracle at most 2× the
+the accuracy rule every backend is held to (error vs the float64 oracle at most 2× the
 `torch` backend's error in the same dtype, plus a small floor)."""
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def assert_matches_oracle(
     dtype: torch.dtype,
     context: str = "",
 ) -> None:
-    """DESIGN.md's pass rule, output by output."""
+    """The accuracy rule of this module's docstring, output by output."""
     assert candidate.keys() == oracle.keys()
     for name, ref in oracle.items():
         got = candidate[name]

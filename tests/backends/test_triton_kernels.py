@@ -33,24 +33,16 @@ from lora_testing import (
     needs_compile_report,
     run_lora,
 )
+from triton_testing import DEVICE, REASON, TRITON_MARKS, _gemm_configs, _launch, tl, triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_REASON = get_backend("triton").unavailable(torch.device(DEVICE))
+pytestmark = TRITON_MARKS
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}"),
-]
-
-if _REASON is None:
-    import triton
-    import triton.language as tl
-
-    from lora_kernels.backends.triton import _gemm_configs, _launch, ops
+if REASON is None:
+    from lora_kernels.backends.triton import ops
     from lora_kernels.backends.triton._dot import _round_to_tf32
     from lora_kernels.backends.triton._dropout import DropoutArgs, keep_mask
-    from lora_kernels.backends.triton.backward_da import grad_a_pass
-    from lora_kernels.backends.triton.backward_dy import dy_pass, grad_b_pass
+    from lora_kernels.backends.triton.dy_pass import dy_pass, grad_b_pass
+    from lora_kernels.backends.triton.grad_a import grad_a_pass
     from lora_kernels.backends.triton.shrink import shrink
 
     @triton.jit
@@ -115,7 +107,7 @@ def run_ops(
 
 
 def check_against_oracle(problem, dtype, adapter_dtype=None, dropout_p=0.0, mask=ALL, layout=None):
-    """Triton vs the float64 oracle under DESIGN.md's rule; returns Triton's outputs."""
+    """Triton vs the float64 oracle under lora_testing's accuracy rule; returns Triton's outputs."""
     seed = draw_seed(DEVICE) if dropout_p > 0 else None
     got = run_ops(problem, "triton", dtype, adapter_dtype, dropout_p, seed, mask, layout)
     baseline = run_ops(problem, "torch", dtype, adapter_dtype, dropout_p, seed, mask, layout)
@@ -468,8 +460,8 @@ def test_import_without_triton():
     assert "triton could not be imported" in result.stdout
 
 
-# What the kernels compile to, as launched at the DESIGN shape (M=8192,
-# 4096→4096) on an H100/H200 and an A100, by Triton's real compiler without a
+# What the kernels compile to, as launched at kernel_report's default shape
+# (M=8192, 4096→4096) on an H100/H200 and an A100, by Triton's real compiler without a
 # GPU (benchmarks.kernel_report): every kernel of a training
 # step free of register spills, on tensor cores for fp16/bf16 inputs (wgmma on
 # Hopper, mma.sync on Ampere), and loading its big operands 128 bits at a time.
@@ -574,7 +566,7 @@ def test_gemm_tile_heuristic(monkeypatch):
 
 
 def test_autotuning_is_opt_in(monkeypatch):
-    from lora_kernels.backends.triton import backward_dx, forward_gemm
+    from lora_kernels.backends.triton import forward_gemm, grad_x
 
     monkeypatch.delenv("LORA_KERNELS_AUTOTUNE", raising=False)
     device = torch.device(DEVICE)
@@ -590,7 +582,7 @@ def test_autotuning_is_opt_in(monkeypatch):
     )
     assert kernel is forward_gemm._forward_kernel
     assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= tile.keys()
-    for tuned in (forward_gemm._forward_kernel_tuned, backward_dx._grad_x_kernel_tuned):
+    for tuned in (forward_gemm._forward_kernel_tuned, grad_x._grad_x_kernel_tuned):
         assert isinstance(tuned, triton.runtime.Autotuner)
         assert tuned.keys == ["M_BUCKET", "N", "K", "R"]
     monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1")

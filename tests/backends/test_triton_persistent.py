@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lora_kernels.ops.registry import get_backend
 from lora_kernels.quant.nf4 import quantize_nf4
 
 from lora_testing import (
@@ -22,17 +21,12 @@ from lora_testing import (
     needs_compile_report,
     run_lora,
 )
+from triton_testing import DEVICE, REASON, TRITON_MARKS, _launch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_REASON = get_backend("triton").unavailable(torch.device(DEVICE))
+pytestmark = TRITON_MARKS
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}"),
-]
-
-if _REASON is None:
-    from lora_kernels.backends.triton import _launch, forward_gemm, forward_gemm_persistent
+if REASON is None:
+    from lora_kernels.backends.triton import forward_gemm, forward_gemm_persistent
     from lora_kernels.backends.triton.forward_gemm_persistent import PERSISTENT_ENV_VAR, applies
 
     # A GPU without TMA (or a Triton without descriptors) never takes the
@@ -167,7 +161,7 @@ def test_needs_hopper(monkeypatch):
         assert applies(x, w) is expected, capability
 
 
-# kernel_report --persistent at the DESIGN shape (M=8192, 4096→4096, bf16) for
+# kernel_report --persistent at its default shape (M=8192, 4096→4096, bf16) for
 # an H100/H200: the persistent forward GEMM free of spills, on wgmma, fed by TMA.
 @needs_compile_report(DEVICE)
 def test_compiles_without_spills_on_wgmma_and_tma():

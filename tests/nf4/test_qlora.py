@@ -128,7 +128,7 @@ def test_op_equals_dense_op_on_dequantized_weight(device, backend, dtype, dropou
         results.append([y.detach(), x.grad, A.grad, B.grad, b.grad])
     for got, expected, name in zip(*results, ("y", "dx", "dA", "dB", "db"), strict=True):
         if backend == "triton" and device == "cuda":
-            # On a GPU the NF4 GEMMs take their own tiles (nf4_weight_tile.WeightArgs.tile):
+            # On a GPU the NF4 GEMMs take their own tiles (_gemm_configs.weight_tile):
             # the same products summed in another order. test_triton_nf4.py runs both on
             # one tile, bit for bit.
             scale = max(1.0, expected.abs().max().item())

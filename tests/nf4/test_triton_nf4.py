@@ -21,34 +21,24 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lora_kernels.ops.registry import get_backend
 from lora_kernels.ops.seed import draw_seed
 from lora_kernels.quant.nf4 import NF4Weight, quantize_nf4
 
 from lora_testing import AMPERE_REPORT, HOPPER_REPORT, compile_report, needs_compile_report
+from triton_testing import DEVICE, REASON, TRITON_MARKS, _gemm_configs, _launch, tl, triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_REASON = get_backend("triton").unavailable(torch.device(DEVICE))
+pytestmark = TRITON_MARKS
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}"),
-]
-
-if _REASON is None:
-    import triton
-    import triton.language as tl
-
+if REASON is None:
     from benchmarks import kernel_report
-    from lora_kernels.backends.triton import _gemm_configs, _launch
     from lora_kernels.backends.triton import nf4_weight_tile as nf4_tile
     from lora_kernels.backends.triton._dropout import DropoutArgs
     from lora_kernels.backends.triton._gemm_configs import GemmTile
-    from lora_kernels.backends.triton.backward_dx import grad_x_gemm
     from lora_kernels.backends.triton.forward_gemm import forward_gemm
+    from lora_kernels.backends.triton.grad_x import grad_x_gemm
     from lora_kernels.backends.triton.nf4_weight_tile import WeightArgs
 
-    _NF4_TILE = WeightArgs.tile  # the heuristic, before use_tile sets it aside
+    _NF4_TILE = _gemm_configs.weight_tile  # the heuristic, before use_tile sets it aside
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # On a GPU every variant compiles natively (seconds each): the interpreter
@@ -77,7 +67,7 @@ def use_tile(monkeypatch, tile):
     is set aside so that both sum in the same order."""
     monkeypatch.delenv(_gemm_configs.AUTOTUNE_ENV_VAR, raising=False)
     monkeypatch.setattr(_gemm_configs, "candidates", lambda dtype, device: (tile,))
-    monkeypatch.setattr(WeightArgs, "tile", lambda self, tile, *args, **kwargs: tile)
+    monkeypatch.setattr(_gemm_configs, "weight_tile", lambda weight, tile, *args, **kwargs: tile)
 
 
 def _weight(dtype, blocksize, double_quant, shape=(N, K)) -> NF4Weight:
@@ -291,7 +281,7 @@ def test_tiles_and_blocksizes(monkeypatch, tile, blocksize, n, k):
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("k", [320, 264], ids=["aligned", "unaligned"])
 def test_small_m_gemv_tile(monkeypatch, m, k):
-    # The GEMV tile's shape (nf4_weight_tile.GEMV_STEP): 16 rows, whatever M,
+    # The GEMV tile's shape (_gemm_configs.GEMV_STEP): 16 rows, whatever M,
     # of which those past M are not read; K steps of 256, past K at the end.
     use_tile(monkeypatch, GemmTile(16, 16, 256, num_warps=4, num_stages=1, group_m=1))
     w = _weight(torch.bfloat16, 64, True, (50, k))
@@ -342,7 +332,7 @@ def test_nf4_tile_heuristic(monkeypatch):
     ]:
         tile = _nf4_tile(monkeypatch, gpu, dense_tile, M, 4096, *args, gemv=True)
         threads = 32 * tile["num_warps"]
-        assert tile["BLOCK_N"] * tile["BLOCK_K"] == nf4_tile.DECODED_PER_THREAD * threads, tile
+        assert tile["BLOCK_N"] * tile["BLOCK_K"] == _gemm_configs.DECODED_PER_THREAD * threads, tile
         assert tile["BLOCK_M"] >= tile["BLOCK_N"], tile
     # dx names its blocks the other way round; CUDA-core dots are unpipelined.
     small = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
@@ -362,7 +352,7 @@ def test_nf4_byte_path_tile(monkeypatch):
     cuda = torch.device("cuda", 0)
     for M in (1, 8192):
         tile = _NF4_TILE(byte_path, hopper, M, 4096, cuda, "BLOCK_N", "BLOCK_K", "native", True)
-        step = nf4_tile.DECODED_PER_THREAD_FP32 * 32 * 8 // 256
+        step = _gemm_configs.DECODED_PER_THREAD_FP32 * 32 * 8 // 256
         assert tile == hopper | {"BLOCK_K": max(_launch.MIN_DOT_BLOCK, step), "num_stages": 1}
 
 
@@ -380,10 +370,10 @@ def test_nf4_gemv_tiles_fill_the_gpu(monkeypatch, gpu, n, block_n):
         assert (tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]) == (16, block_n, 256)
         assert triton.cdiv(n, block_n) >= sms  # every SM has W0 to read
         threads = 32 * tile["num_warps"]
-        assert block_n * 256 == nf4_tile.DECODED_PER_THREAD * threads
+        assert block_n * 256 == _gemm_configs.DECODED_PER_THREAD * threads
         # W0 bytes in flight per program (stages ahead), and room for two per SM.
         ahead = (tile["num_stages"] - 1) * block_n * 256 // 2
-        assert 8 * 1024 <= ahead <= nf4_tile.GEMV_BYTES_IN_FLIGHT
+        assert 8 * 1024 <= ahead <= _gemm_configs.GEMV_BYTES_IN_FLIGHT
         stage = 16 * 256 * 2 + block_n * 256 // 2 + block_n * 256 // 8
         assert 2 * (tile["num_stages"] * stage + block_n * 256 * 2) <= shared_memory
     # Past 16 rows, and for dx (whose W0 rows are its columns), the GEMM tiles.
@@ -393,7 +383,7 @@ def test_nf4_gemv_tiles_fill_the_gpu(monkeypatch, gpu, n, block_n):
     assert dx["BLOCK_N"] != 256
 
 
-if _REASON is None:
+if REASON is None:
 
     @triton.jit
     def _row_offsets_kernel(n_ptr, out_ptr, per_row, INT32: tl.constexpr, BLOCK: tl.constexpr):

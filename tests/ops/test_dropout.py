@@ -1,6 +1,7 @@
-"""The shared Philox4x32-10 dropout mask of lora_kernels.backends.torch.dropout, checked
-against DESIGN.md's test vector and bit-exactly against Triton's own
-``tl.randint4x`` (interpreted on CPU-only machines)."""
+"""The shared Philox4x32-10 dropout mask of lora_kernels.backends.torch.dropout
+(defined in docs/architecture.md, "The op contract"), checked against a fixed
+test vector and bit-exactly against Triton's own ``tl.randint4x`` (interpreted
+on CPU-only machines)."""
 
 from __future__ import annotations
 

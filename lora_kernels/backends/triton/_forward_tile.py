@@ -1,8 +1,10 @@
 """The two ends of a forward output tile, shared by the forward kernels
 (``forward_gemm`` and its persistent TMA variant ``forward_gemm_persistent``)
 so that both compute y with exactly the same arithmetic: the LoRA term
-s·S·Bᵀ that seeds the fp32 accumulator, and the epilogue that adds the bias
-in fp32 and rounds once to y's dtype."""
+s·S·Bᵀ, the fp32 accumulator's initial value, and the epilogue that adds the
+bias in fp32 and rounds once to y's dtype. The dx GEMM (``grad_x``) starts
+its accumulator with the same ``lora_term``, on (dS, A) with scaling 1, so
+both GEMMs do the same rank arithmetic."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def lora_and_output_args(
     bias: torch.Tensor | None,
     scaling: float,
 ) -> dict:
-    """The keyword arguments a forward kernel passes on to ``lora_seed`` and
+    """The keyword arguments a forward kernel passes on to ``lora_term`` and
     ``store_output``: S's, B's, y's and the bias's strides, the scaling and
     the constexprs of the LoRA term."""
     return {
@@ -40,7 +42,7 @@ def lora_and_output_args(
 
 
 @triton.jit
-def lora_seed(
+def lora_term(
     s_ptr,
     b_ptr,
     rows,
@@ -57,7 +59,9 @@ def lora_seed(
     BLOCK_N: tl.constexpr,
 ):
     """scaling·S·Bᵀ over the tile's ``rows`` × ``cols`` (in range: callers wrap
-    edge rows/columns, whose results the store discards), in fp32."""
+    edge rows/columns, whose results the store discards), in fp32, reduced over
+    the rank in chunks of ``BLOCK_R``: S an M×R matrix, B an N×R one, each with
+    its strides (dx: dS for S and A, read as Aᵀ, for B)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)

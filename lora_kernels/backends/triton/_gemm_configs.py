@@ -1,5 +1,6 @@
 """Tiles of the two GEMM kernels (forward y, backward dx): a heuristic by
-default, autotuning on request.
+default, autotuning on request, and for an NF4 W0 the decode's own tiles
+(``weight_tile``). Every tile choice of the Triton backend's GEMMs is here.
 
 Each kernel names its output-column and reduction blocks after the matrix
 dimensions they run over (forward: N columns, K reduction; dx: K columns, N
@@ -29,11 +30,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 
 from . import _launch
+
+if TYPE_CHECKING:
+    from .nf4_weight_tile import WeightArgs
 
 AUTOTUNE_ENV_VAR = "LORA_KERNELS_AUTOTUNE"
 
@@ -228,3 +233,116 @@ def tuned(
         prune_configs_by={"early_config_prune": prune},
         cache_results=True,
     )(kernel)
+
+
+# NF4 W0 (``weight_tile``). W0 elements each thread decodes per step of the
+# reduction loop, for fp16/bf16 GEMMs on a GPU: on the words path some five
+# instructions an element (rotation, LOP3, address high half, LDG, FMUL, half
+# a rounding), where byte, absmax and value gathers took some 30. Steps are
+# sized to 32 per thread with 8 warps, so that each W0 row of the tile is
+# shared by two threads (at least 64 columns) and its decoded values go 128
+# bits at a time into a K-major shared-memory operand: with one thread per
+# row, Triton lays the operand out N-major and stores it 16 bits at a time.
+# 32 compiles without spills on sm_90 and sm_80 (registers and instruction
+# counts: benchmarks/NOTES.md).
+DECODED_PER_THREAD = 32
+NF4_WARPS = 8
+# The longest reduction step of an NF4 tile.
+MAX_STEP = 128
+
+# fp32 inputs: CUDA-core dots hold both operands in registers, unpipelined.
+DECODED_PER_THREAD_FP32 = 16
+
+# Small M (decoding: M ≤ GEMV_ROWS, one row tile of tl.dot's minimum 16
+# rows) makes the forward a GEMV bound by W0's N·K/2 bytes, each read once:
+# what matters is enough programs for the SMs and enough bytes in flight on
+# each (H100-class HBM needs some 30 KB per SM: bandwidth × latency / SMs).
+# Tiles are 16 × GEMV_COLS × GEMV_STEP: a step of 256 columns reads 128
+# contiguous bytes of each W0 row, a cache line; 32 rows make N/32 programs,
+# 16 rows N/16 where N/32 would leave SMs idle (N = 4096 on 132 SMs), each
+# decoding 32 elements per thread (8 or 4 warps). The pipeline keeps
+# GEMV_BYTES_IN_FLIGHT of W0 in flight per program (4 stages ahead of 4 KB,
+# or 8 of 2 KB), as deep as two programs per SM allow in shared memory
+# (x's 8 KB per stage weigh most); deeper pipelines at 32 rows spilled (registers,
+# shared memory and bytes in flight per SM: benchmarks/NOTES.md). x's rows
+# past M are not read.
+GEMV_ROWS = 16
+GEMV_STEP = 256
+GEMV_COLS = (32, 16)
+GEMV_BYTES_IN_FLIGHT = 16 * 1024
+
+
+def weight_tile(
+    weight: WeightArgs,
+    tile: dict,
+    M: int,
+    cols: int,
+    device: torch.device,
+    cols_block: str,
+    reduction_block: str,
+    precision: str,
+    gemv: bool = False,
+) -> dict:
+    """The tile keyword arguments of ``launch_choice`` (``tile``) for an M ×
+    ``cols`` output with the W0 ``weight``: unchanged for a dense one, the
+    autotuner's (which pass none) or off a GPU (the interpreter runs the
+    dense tile, so that both sum in the same order).
+
+    NF4 on a GPU: fp32 inputs (``precision`` "ieee", CUDA-core dots), and
+    weights whose K is not a multiple of 8 (decoded element by element, not in
+    32-bit words), keep their tile with the step shortened to
+    ``DECODED_PER_THREAD_FP32`` elements per thread, unpipelined: pipelined,
+    the byte path's dx tile overflowed shared memory at the fp16/bf16 step and
+    the decoded operand spilled even at 64×64×32 (benchmarks/NOTES.md).
+    fp16/bf16 words: ``gemv`` (the forward) and M ≤ ``GEMV_ROWS`` take the
+    GEMV tiles (see ``GEMV_STEP``); else ``NF4_WARPS`` warps and a step of
+    ``DECODED_PER_THREAD`` elements per thread, and the row block is made the
+    longer edge when M allows: each program decodes its W0 tile once for all
+    its rows, so the decode per multiply-add is 1/BLOCK_M (256×128 rather
+    than 128×256 halves it).
+    """
+    if not weight.nf4 or not tile or device.type != "cuda":
+        return tile
+    adjusted = dict(tile)
+    if precision == "ieee" or not weight.words:
+        threads = 32 * tile["num_warps"]
+        step = DECODED_PER_THREAD_FP32 * threads // tile[cols_block]
+        adjusted[reduction_block] = max(_launch.MIN_DOT_BLOCK, min(tile[reduction_block], step))
+        adjusted["num_stages"] = 1
+        return adjusted
+    M = _launch.size_hint(M)
+    if gemv and M <= GEMV_ROWS:
+        return _gemv_tile(_launch.size_hint(cols), device, cols_block, reduction_block, adjusted)
+    if tile["BLOCK_M"] < tile[cols_block] <= M:
+        adjusted["BLOCK_M"], adjusted[cols_block] = tile[cols_block], tile["BLOCK_M"]
+    adjusted["num_warps"] = NF4_WARPS
+    step = DECODED_PER_THREAD * 32 * NF4_WARPS // adjusted[cols_block]
+    adjusted[reduction_block] = max(_launch.MIN_DOT_BLOCK, min(MAX_STEP, step))
+    return adjusted
+
+
+def _gemv_tile(
+    cols: int, device: torch.device, cols_block: str, reduction_block: str, tile: dict
+) -> dict:
+    """``tile`` made the small-M NF4 tile for ``cols`` output columns (see ``GEMV_STEP``)."""
+    index = _device_index(device)
+    block_cols = next(
+        (c for c in GEMV_COLS if triton.cdiv(cols, c) >= _launch.sm_count(index)), GEMV_COLS[-1]
+    )
+    warps = block_cols * GEMV_STEP // (32 * DECODED_PER_THREAD)
+    # Shared memory per stage: x's tile, W0's bytes and absmax (at most one
+    # per 32 elements); once: the decoded operand.
+    stage = GEMV_ROWS * GEMV_STEP * 2 + block_cols * GEMV_STEP // 2 + block_cols * GEMV_STEP // 8
+    decoded = block_cols * GEMV_STEP * 2
+    ahead = min(
+        GEMV_BYTES_IN_FLIGHT // (block_cols * GEMV_STEP // 2),
+        (_launch.shared_memory(index) // 2 - decoded) // stage - 1,
+    )
+    return tile | {
+        "BLOCK_M": GEMV_ROWS,
+        cols_block: block_cols,
+        reduction_block: GEMV_STEP,
+        "GROUP_M": 1,
+        "num_warps": warps,
+        "num_stages": 1 + max(1, ahead),
+    }

@@ -1,12 +1,14 @@
 """Host-side launch decisions shared by the Triton kernels: block sizes for the
-rank dimension, how far to split a reduction, the precision of each dot, and
-whether the kernels run in Triton's interpreter."""
+rank dimension, how far to split a reduction (``plan_reduction``, the whole
+plan of a skinny kernel), the precision of each dot, whether the kernels run
+in Triton's interpreter, and the one launch point (``wrap_triton``)."""
 
 from __future__ import annotations
 
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -21,14 +23,29 @@ MIN_DOT_BLOCK = 16
 # a rank chunk for a whole reduction: ranks above it add a grid dimension
 # (chunks of 128 spilled in the dA and dy passes on sm_90, by kernel_report).
 SKINNY_RANK_BLOCK = 64
-# Rank chunk of the GEMMs (forward, dx), which loop over the rank to seed
-# their accumulator: the smallest dot, so the chunk's fp32 operands (TF32
-# products) fit in registers beside a 128×256 accumulator (chunks of 32 or 64
-# spilled at r = 64 with fp32 adapters on sm_90, by kernel_report).
+# Rank chunk of the GEMMs (forward, dx), which loop over the rank for the
+# LoRA term that starts their accumulator (``_forward_tile.lora_term``): the
+# smallest dot, so the chunk's fp32 operands (TF32 products) fit in registers
+# beside a 128×256 accumulator (chunks of 32 or 64 spilled at r = 64 with fp32
+# adapters on sm_90, by kernel_report).
 GEMM_RANK_BLOCK = 16
 # Programs the interpreter is asked to keep busy: small enough that test
 # shapes of a few row tiles take the split-reduction path too.
 INTERPRETER_PROGRAMS = 4
+
+
+# What ``wrap_triton`` hands each kernel to: torch's ``wrap_triton``, or the
+# recorder ``benchmarks/kernel_report.py`` puts here to record every launch.
+kernel_wrapper = torch.library.wrap_triton
+
+
+def wrap_triton(kernel: Callable):
+    """``kernel_wrapper(kernel)``: the one launch point of this backend. Every
+    launcher imports it under this name and launches with
+    ``wrap_triton(kernel)[grid](...)``, the form in which torch.library's
+    ``triton_op`` finds an op's kernels in its source (for torch.compile's
+    cache keys), and torch.compile traces into the ops through it."""
+    return kernel_wrapper(kernel)
 
 
 def rank_block(r: int, cap: int) -> int:
@@ -56,6 +73,13 @@ def stream_block(compute_dtype: torch.dtype, *operands: torch.dtype, block_r: in
     if block_r <= 32 and all(dtype == compute_dtype for dtype in operands):
         return 128
     return 64
+
+
+# No kernel specialises on M, the token count, or on what varies with it (the
+# GEMMs' M_BUCKET, a persistent grid's program count): each lists them in
+# ``do_not_specialize``, so that batches of any token count share one compiled
+# kernel instead of Triton compiling a variant for M = 1 and for M divisible
+# by 16. What depends on M (tiles, splits) is decided on the host (``size_hint``).
 
 
 def size_hint(n) -> int:
@@ -163,3 +187,58 @@ def fit_pipeline(
         if block <= 2 * MIN_DOT_BLOCK:
             return block, 1
         block //= 2
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """The launch of a skinny kernel (shrink, dy pass, dB, dA): programs
+    (output tile, rank chunk, split) over ``grid``, rank chunks of
+    ``block_r``, the reduction streamed in steps of ``block`` through
+    ``stages`` pipeline stages and split into ``splits`` chunks of
+    ``per_split`` (``reduction_split``)."""
+
+    block_r: int
+    block: int
+    stages: int
+    splits: int
+    per_split: int
+    grid: tuple[int, int, int]
+
+    def partials(self, like: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """The fp32 output of ``shape`` on ``like``'s device: the result itself
+        for one split, else one partial sum per split (``reduce`` adds them)."""
+        full = shape if self.splits == 1 else (self.splits, *shape)
+        return like.new_empty(full, dtype=torch.float32)
+
+    def split_stride(self, partials: torch.Tensor) -> int:
+        """The stride between the splits' partial sums (0 for one split)."""
+        return 0 if self.splits == 1 else partials.stride(0)
+
+    def reduce(self, partials: torch.Tensor) -> torch.Tensor:
+        """The result: the partial sums added in a fixed order (deterministic)."""
+        return partials if self.splits == 1 else partials.sum(0)
+
+
+def plan_reduction(
+    size: int,
+    tile: int,
+    length: int,
+    R: int,
+    compute_dtype: torch.dtype,
+    *operands: torch.dtype,
+    stage_bytes: Callable[[int, int], int],
+    device: torch.device,
+) -> ReductionPlan:
+    """The plan of a skinny kernel whose programs own ``tile`` of an output
+    dimension of ``size`` and a rank chunk of R, and reduce over ``length``:
+    the rank chunk (``rank_block``), the streaming block for inputs in
+    ``compute_dtype`` and operands of the dtypes ``operands``
+    (``stream_block``), shortened until ``stage_bytes(block, block_r)`` fits
+    the pipeline (``fit_pipeline``), and the split of the reduction over too
+    few programs (``reduction_split``)."""
+    block_r = rank_block(R, SKINNY_RANK_BLOCK)
+    block = stream_block(compute_dtype, *operands, block_r=block_r)
+    block, stages = fit_pipeline(lambda b: stage_bytes(b, block_r), block, device)
+    tiles, chunks = triton.cdiv(size, tile), triton.cdiv(R, block_r)
+    splits, per_split = reduction_split(tiles * chunks, length, block, device)
+    return ReductionPlan(block_r, block, stages, splits, per_split, (tiles, chunks, splits))

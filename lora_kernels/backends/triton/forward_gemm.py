@@ -11,7 +11,7 @@ store, K tails are masked.
 W0 is dense or NF4 (``W_NF4``): an NF4 W0's tiles are decoded in the K loop
 by ``nf4_weight_tile.load_weight_tile`` into exactly the tiles of
 ``weight.dequantize(x.dtype)``, a copy that never exists. Its tiles are
-NF4's own (``WeightArgs.tile``): a K step sized to the decode's registers,
+NF4's own (``_gemm_configs.weight_tile``): a K step sized to the decode's registers,
 the row block the longer edge (a tile's W0 is decoded once for all its
 rows), and for M ≤ 16 GEMV tiles that spread W0's bytes over every SM.
 
@@ -24,18 +24,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...quant.nf4 import NF4Weight
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
-from ._forward_tile import lora_and_output_args, lora_seed, store_output
+from ._forward_tile import lora_and_output_args, lora_term, store_output
+from ._launch import wrap_triton
 from ._tiling import grouped_tile
 from .forward_gemm_persistent import applies, forward_gemm_persistent
 from .nf4_weight_tile import WeightArgs, load_weight_tile
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _forward_kernel(
     x_ptr,
@@ -86,10 +86,10 @@ def _forward_kernel(
     cols = offs_n % N
     # x's rows past M are not read, though: with M < BLOCK_M (decoding, a
     # few tokens) they would be copies of the first rows, read again from L2
-    # by every program of a GEMV (nf4_weight_tile.GEMV_STEP).
+    # by every program of a GEMV (_gemm_configs.GEMV_STEP).
     mask_m = offs_m < M
 
-    acc = lora_seed(
+    acc = lora_term(
         s_ptr,
         b_ptr,
         rows,
@@ -183,7 +183,9 @@ def forward_gemm(
     kernel, tile = _gemm_configs.launch_choice(
         _forward_kernel, _forward_kernel_tuned, M, N, x.dtype, x.device, "BLOCK_N", "BLOCK_K"
     )
-    tile = w.tile(tile, M, N, x.device, "BLOCK_N", "BLOCK_K", precision, gemv=True)
+    tile = _gemm_configs.weight_tile(
+        w, tile, M, N, x.device, "BLOCK_N", "BLOCK_K", precision, gemv=True
+    )
     wrap_triton(kernel)[grid](
         x,
         w.data,

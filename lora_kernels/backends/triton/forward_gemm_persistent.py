@@ -1,6 +1,6 @@
 """Persistent, TMA-fed variant of the forward GEMM (Hopper, sm_90+), opt-in.
 
-Same math as ``forward_gemm._forward_kernel`` -- the tile's s·S·Bᵀ seeds
+Same math as ``forward_gemm._forward_kernel`` -- the tile's s·S·Bᵀ starts
 the fp32 accumulator, the K loop of x·W0ᵀ runs on top, bias is added in fp32
 and y rounded once (``_forward_tile``) -- organised as in Triton's tutorial
 09: one program per SM, each looping over output tiles; together they walk
@@ -27,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
-from ._forward_tile import lora_and_output_args, lora_seed, store_output
+from ._forward_tile import lora_and_output_args, lora_term, store_output
+from ._launch import wrap_triton
 from ._tiling import grouped_tile
 
 try:
@@ -46,7 +46,7 @@ PERSISTENT_ENV_VAR = "LORA_KERNELS_PERSISTENT_GEMM"
 
 
 # Neither M nor the program count (which small outputs lower to their tile
-# count) is specialised: batches of any token count share one compiled kernel.
+# count) is specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M", "programs"])
 def _persistent_forward_kernel(
     x_desc,
@@ -86,7 +86,7 @@ def _persistent_forward_kernel(
         # As in the default kernel: S and B are read at wrapped rows/columns
         # (valid memory, results discarded by the store mask).
         cols = offs_n % N
-        acc = lora_seed(
+        acc = lora_term(
             s_ptr,
             b_ptr,
             offs_m % M,

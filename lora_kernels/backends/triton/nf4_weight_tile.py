@@ -44,45 +44,6 @@ import triton.language as tl
 from ...quant.nf4 import NF4_VALUES, NF4Weight
 from . import _launch
 
-# W0 elements each thread decodes per step of the reduction loop, for
-# fp16/bf16 GEMMs on a GPU (``WeightArgs.tile``). On the words path an
-# element costs some five instructions (rotation, LOP3, address high half,
-# LDG, FMUL, half a rounding) where its byte, absmax and value gathers took
-# some 30 (kernel_report --sass-dir, sm_90 bf16 forward K loop: 553
-# instructions for 16 elements per thread before, 434 for 64 now at
-# 128×256). Steps are sized to 32 per thread with 8 warps, so that each W0
-# row of the tile is shared by two threads (at least 64 columns) and its
-# decoded values go 128 bits at a time into a K-major shared-memory operand:
-# with one thread per row, Triton lays the operand out N-major and stores it
-# 16 bits at a time. 64 per thread compiled too, at 254 registers on sm_90;
-# 32 takes at most 254 (sm_90 forward, 256×128) and 228 (sm_80), no spills.
-DECODED_PER_THREAD = 32
-NF4_WARPS = 8
-# The longest reduction step of an NF4 tile.
-MAX_STEP = 128
-
-# fp32 inputs: CUDA-core dots hold both operands in registers, unpipelined.
-DECODED_PER_THREAD_FP32 = 16
-
-# Small M (decoding: M ≤ GEMV_ROWS, one row tile of tl.dot's minimum 16
-# rows) makes the forward a GEMV bound by W0's N·K/2 bytes, each read once:
-# what matters is enough programs for the SMs and enough bytes in flight on
-# each (H100-class HBM needs some 30 KB per SM: bandwidth × latency / SMs).
-# Tiles are 16 × GEMV_COLS × GEMV_STEP: a step of 256 columns reads 128
-# contiguous bytes of each W0 row, a cache line; 32 rows make N/32 programs,
-# 16 rows N/16 where N/32 would leave SMs idle (N = 4096 on 132 SMs), each
-# decoding 32 elements per thread (8 or 4 warps). The pipeline keeps
-# GEMV_BYTES_IN_FLIGHT of W0 in flight per program (4 stages ahead of 4 KB,
-# or 8 of 2 KB), as deep as two programs per SM allow in shared memory
-# (x's 8 KB per stage weigh most); with two programs per SM -- 128 to 164
-# registers, 49 to 90 KB -- that is 32 KB per SM on sm_90, 24 to 32 KB on
-# sm_80 (7 stages at 16 rows). Deeper pipelines at 32 rows spilled (6
-# stages: 12 bytes on sm_90). x's rows past M are not read.
-GEMV_ROWS = 16
-GEMV_STEP = 256
-GEMV_COLS = (32, 16)
-GEMV_BYTES_IN_FLIGHT = 16 * 1024
-
 # The byte a masked NF4 load reads: index 7 in both nibbles, the code of 0.0,
 # so masked elements decode to 0 like a dense tile's masked elements.
 _ZERO_CODES = tl.constexpr(0x77)
@@ -361,7 +322,7 @@ def load_weight_tile(
         if K_ROWS:
             w = _transposed(w)
         return w
-    elif K_ROWS:  # the operands in the order the kernels had before NF4, so dense code is unchanged
+    elif K_ROWS:  # a dense W0ᵀ tile, [k, n], loaded as such: no transpose
         return tl.load(
             w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn, mask=mask[:, None], other=0.0
         )
@@ -464,80 +425,3 @@ class WeightArgs:
             "NF4_ALIGNED": self.aligned,
             "NF4_INT32": self.int32,
         }
-
-    def tile(
-        self,
-        tile: dict,
-        M: int,
-        cols: int,
-        device: torch.device,
-        cols_block: str,
-        reduction_block: str,
-        precision: str,
-        gemv: bool = False,
-    ) -> dict:
-        """The tile keyword arguments of ``_gemm_configs.launch_choice`` for an
-        M × ``cols`` output with this W0: unchanged for a dense one, the
-        autotuner's (which pass none) or off a GPU (the interpreter runs the
-        dense tile, so that both sum in the same order).
-
-        NF4 on a GPU: fp32 inputs (``precision`` "ieee", CUDA-core dots), and
-        weights whose K is not a multiple of 8 (decoded element by element,
-        not in 32-bit words: pipelined at the fp16/bf16 step, dx's tile took
-        272 KB of shared memory on sm_90), keep their tile with the step
-        shortened to ``DECODED_PER_THREAD_FP32`` elements per thread, unpipelined -- pipelined, their decoded operand spilled
-        even at 64×64×32 on sm_90 (1.4 KB); unpipelined 128×128×32 takes 246
-        registers. fp16/bf16 words: ``gemv`` (the forward) and M ≤ ``GEMV_ROWS``
-        take the GEMV tiles (see ``GEMV_STEP``); else ``NF4_WARPS`` warps and
-        a step of ``DECODED_PER_THREAD`` elements per thread, and the row
-        block is made the longer edge when M allows: each program decodes its
-        W0 tile once for all its rows, so the decode per multiply-add is
-        1/BLOCK_M (256×128 rather than 128×256 halves it).
-        """
-        if not self.nf4 or not tile or device.type != "cuda":
-            return tile
-        adjusted = dict(tile)
-        if precision == "ieee" or not self.words:
-            threads = 32 * tile["num_warps"]
-            step = DECODED_PER_THREAD_FP32 * threads // tile[cols_block]
-            adjusted[reduction_block] = max(_launch.MIN_DOT_BLOCK, min(tile[reduction_block], step))
-            adjusted["num_stages"] = 1
-            return adjusted
-        M = _launch.size_hint(M)
-        if gemv and M <= GEMV_ROWS:
-            return _gemv_tile(
-                _launch.size_hint(cols), device, cols_block, reduction_block, adjusted
-            )
-        if tile["BLOCK_M"] < tile[cols_block] <= M:
-            adjusted["BLOCK_M"], adjusted[cols_block] = tile[cols_block], tile["BLOCK_M"]
-        adjusted["num_warps"] = NF4_WARPS
-        step = DECODED_PER_THREAD * 32 * NF4_WARPS // adjusted[cols_block]
-        adjusted[reduction_block] = max(_launch.MIN_DOT_BLOCK, min(MAX_STEP, step))
-        return adjusted
-
-
-def _gemv_tile(
-    cols: int, device: torch.device, cols_block: str, reduction_block: str, tile: dict
-) -> dict:
-    """``tile`` made the small-M NF4 tile for ``cols`` output columns (see ``GEMV_STEP``)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    block_cols = next(
-        (c for c in GEMV_COLS if triton.cdiv(cols, c) >= _launch.sm_count(index)), GEMV_COLS[-1]
-    )
-    warps = block_cols * GEMV_STEP // (32 * DECODED_PER_THREAD)
-    # Shared memory per stage: x's tile, W0's bytes and absmax (at most one
-    # per 32 elements); once: the decoded operand.
-    stage = GEMV_ROWS * GEMV_STEP * 2 + block_cols * GEMV_STEP // 2 + block_cols * GEMV_STEP // 8
-    decoded = block_cols * GEMV_STEP * 2
-    ahead = min(
-        GEMV_BYTES_IN_FLIGHT // (block_cols * GEMV_STEP // 2),
-        (_launch.shared_memory(index) // 2 - decoded) // stage - 1,
-    )
-    return tile | {
-        "BLOCK_M": GEMV_ROWS,
-        cols_block: block_cols,
-        reduction_block: GEMV_STEP,
-        "GROUP_M": 1,
-        "num_warps": warps,
-        "num_stages": 1 + max(1, ahead),
-    }

@@ -2,7 +2,7 @@
 ``lora_kernels::triton_lora_backward`` (contract: lora_kernels/ops/schemas.py).
 
 Both are ``torch.library.triton_op``s launching their kernels through
-``wrap_triton``, so ``torch.compile`` traces into them (no fake
+``_launch.wrap_triton``, so ``torch.compile`` traces into them (no fake
 implementation is registered: the op body traces itself). Their bodies,
 ``lora_forward`` and ``lora_backward``, also multiply by an NF4 weight for
 the NF4 op (``NF4_MATMUL``, lora_kernels/ops/nf4_op.py), decoding its tiles
@@ -27,10 +27,10 @@ from ...ops.registry import NF4Matmul
 from ...quant.nf4 import NF4Weight
 from ._checks import check_backward_args, check_forward_args
 from ._dropout import DropoutArgs
-from .backward_da import grad_a_pass
-from .backward_dx import grad_x_gemm
-from .backward_dy import dy_pass, grad_b_pass
+from .dy_pass import dy_pass, grad_b_pass
 from .forward_gemm import forward_gemm
+from .grad_a import grad_a_pass
+from .grad_x import grad_x_gemm
 from .shrink import shrink
 
 

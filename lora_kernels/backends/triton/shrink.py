@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import _launch
 from ._dot import mixed_dot
 from ._dropout import DropoutArgs, load_dropped_x, quad_aligned
+from ._launch import wrap_triton
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M"])
 def _shrink_kernel(
     x_ptr,
@@ -101,22 +101,21 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutArgs) -> torch
     """S = x̃·Aᵀ in fp32 for 2-D x with M ≥ 1."""
     M, K = x.shape
     R = lora_A.shape[0]
-    block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
     # Bound by reading x: K is streamed in long chunks.
     block_m = 32 if _launch.INTERPRETED or M <= 32 else 64
-    block_k = _launch.stream_block(x.dtype, lora_A.dtype, block_r=block_r)
-    block_k, stages = _launch.fit_pipeline(
-        lambda bk: bk * (block_m * x.element_size() + block_r * lora_A.element_size()),
-        block_k,
-        x.device,
+    plan = _launch.plan_reduction(
+        M,
+        block_m,
+        K,
+        R,
+        x.dtype,
+        lora_A.dtype,
+        stage_bytes=lambda bk, br: bk * (block_m * x.element_size() + br * lora_A.element_size()),
+        device=x.device,
     )
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
-    splits, k_per_split = _launch.reduction_split(tiles, K, block_k, x.device)
     # One split writes S itself; several write partial sums added below.
-    out = x.new_empty((M, R) if splits == 1 else (splits, M, R), dtype=torch.float32)
-    stride_split = 0 if splits == 1 else out.stride(0)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r), splits)
-    wrap_triton(_shrink_kernel)[grid](
+    out = plan.partials(x, (M, R))
+    wrap_triton(_shrink_kernel)[plan.grid](
         x,
         lora_A,
         out,
@@ -124,23 +123,23 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutArgs) -> torch
         M,
         K,
         R,
-        k_per_split,
+        plan.per_split,
         x.stride(0),
         x.stride(1),
         lora_A.stride(0),
         lora_A.stride(1),
-        stride_split,
+        plan.split_stride(out),
         out.stride(-2),
         out.stride(-1),
         dropout.threshold,
         dropout.keep_scale,
         BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        BLOCK_R=block_r,
+        BLOCK_K=plan.block,
+        BLOCK_R=plan.block_r,
         DROPOUT=dropout.enabled,
         QUAD_ALIGNED=quad_aligned(K),
         PRECISION=_launch.dot_precision(x.dtype, lora_A.dtype),
         num_warps=4,
-        num_stages=stages,
+        num_stages=plan.stages,
     )
-    return out if splits == 1 else out.sum(0)
+    return plan.reduce(out)

@@ -1,7 +1,8 @@
 """dx = dy·W0 + D⊙(dS·A)/(1−p) in one GEMM.
 
 Each output tile (rows of x × input features) first computes its LoRA term
-dS·A over the rank (dS is fp32: TF32 for fp16/bf16 inputs), applies the regenerated dropout mask and 1/(1−p)
+dS·A over the rank with the forward GEMM's ``_forward_tile.lora_term`` (dS
+is fp32: TF32 for fp16/bf16 inputs), applies the regenerated dropout mask and 1/(1−p)
 to that term alone, and then uses it as the initial accumulator of the base
 GEMM dy·W0, which runs over the output features. The LoRA term thus has its
 own accumulation (the mask never touches dy·W0) without holding a second
@@ -15,17 +16,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...quant.nf4 import NF4Weight
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
 from ._dropout import DropoutArgs, keep_mask, quad_aligned
+from ._forward_tile import lora_term
+from ._launch import wrap_triton
 from ._tiling import grouped_tile
 from .nf4_weight_tile import WeightArgs, load_weight_tile
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _grad_x_kernel(
     dy_ptr,
@@ -74,21 +76,23 @@ def _grad_x_kernel(
     rows = offs_m % M
     cols = offs_k % K
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        ds = tl.load(
-            ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-            mask=mask_r[None, :],
-            other=0.0,
-        )
-        a = tl.load(
-            a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
-            mask=mask_r[:, None],
-            other=0.0,
-        )
-        acc = mixed_dot(ds, a, acc, LORA_PRECISION)
+    # dS·A with the forward's rank arithmetic: A (r×K) read as the N×r B there.
+    acc = lora_term(
+        ds_ptr,
+        a_ptr,
+        rows,
+        cols,
+        R,
+        stride_dsm,
+        stride_dsr,
+        stride_ak,
+        stride_ar,
+        1.0,
+        LORA_PRECISION,
+        BLOCK_R,
+        BLOCK_M,
+        BLOCK_K,
+    )
     if DROPOUT:
         # The mask of the tile's true (unwrapped) rows and columns.
         keep = keep_mask(
@@ -174,7 +178,7 @@ def grad_x_gemm(
         "BLOCK_N",
         max_elements_per_thread=_MASKED_ELEMENTS_PER_THREAD if dropout.enabled else None,
     )
-    tile = w.tile(tile, M, K, x.device, "BLOCK_K", "BLOCK_N", precision)
+    tile = _gemm_configs.weight_tile(w, tile, M, K, x.device, "BLOCK_K", "BLOCK_N", precision)
     wrap_triton(kernel)[grid](
         grad_y,
         w.data,

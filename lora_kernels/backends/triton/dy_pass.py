@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import _launch
 from ._dot import mixed_dot
+from ._launch import wrap_triton
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M"])
 def _dy_pass_kernel(
     dy_ptr,
@@ -107,7 +107,7 @@ def _dy_pass_kernel(
     )
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M"])
 def _grad_b_kernel(
     dy_ptr,
@@ -179,23 +179,22 @@ def dy_pass(
     fp32, atomically accumulated) from one read of dy, M ≥ 1."""
     M, N = grad_y.shape
     R = lora_B.shape[1]
-    block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
     block_m = _tile_block()
-    block_n = _launch.stream_block(grad_y.dtype, lora_B.dtype, block_r=block_r)
-    block_n, stages = _launch.fit_pipeline(
-        lambda bn: (
-            bn * (block_m * grad_y.element_size() + block_r * lora_B.element_size())
-            + block_m * block_r * 4
+    plan = _launch.plan_reduction(
+        M,
+        block_m,
+        N,
+        R,
+        grad_y.dtype,
+        lora_B.dtype,
+        stage_bytes=lambda bn, br: (
+            bn * (block_m * grad_y.element_size() + br * lora_B.element_size()) + block_m * br * 4
         ),
-        block_n,
-        grad_y.device,
+        device=grad_y.device,
     )
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
-    splits, n_per_split = _launch.reduction_split(tiles, N, block_n, grad_y.device)
-    ds = grad_y.new_empty((M, R) if splits == 1 else (splits, M, R), dtype=torch.float32)
+    ds = plan.partials(grad_y, (M, R))
     db = grad_y.new_zeros((N, R), dtype=torch.float32) if with_grad_b else ds
-    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r), splits)
-    wrap_triton(_dy_pass_kernel)[grid](
+    wrap_triton(_dy_pass_kernel)[plan.grid](
         grad_y,
         lora_B,
         S,
@@ -204,68 +203,68 @@ def dy_pass(
         M,
         N,
         R,
-        n_per_split,
+        plan.per_split,
         grad_y.stride(0),
         grad_y.stride(1),
         lora_B.stride(0),
         lora_B.stride(1),
         S.stride(0),
         S.stride(1),
-        0 if splits == 1 else ds.stride(0),
+        plan.split_stride(ds),
         ds.stride(-2),
         ds.stride(-1),
         db.stride(-2),
         db.stride(-1),
         scaling,
         BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_R=block_r,
+        BLOCK_N=plan.block,
+        BLOCK_R=plan.block_r,
         COMPUTE_DB=with_grad_b,
         DS_PRECISION=_launch.dot_precision(grad_y.dtype, lora_B.dtype),
         DB_PRECISION=_launch.dot_precision(grad_y.dtype, S.dtype),
         num_warps=4,
-        num_stages=stages,
+        num_stages=plan.stages,
     )
-    if splits > 1:
-        ds = ds.sum(0)
-    return ds, (db if with_grad_b else None)
+    return plan.reduce(ds), (db if with_grad_b else None)
 
 
 def grad_b_pass(grad_y: torch.Tensor, S: torch.Tensor, scaling: float) -> torch.Tensor:
     """dB = s·dyᵀ·S (N×r, fp32), deterministic, M ≥ 1."""
     M, N = grad_y.shape
     R = S.shape[1]
-    block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
     block_n = _tile_block()
-    block_m = _launch.stream_block(grad_y.dtype, grad_y.dtype, block_r=block_r)
-    block_m, stages = _launch.fit_pipeline(
-        lambda bm: bm * (block_n * grad_y.element_size() + block_r * 4), block_m, grad_y.device
+    plan = _launch.plan_reduction(
+        N,
+        block_n,
+        M,
+        R,
+        grad_y.dtype,
+        grad_y.dtype,
+        stage_bytes=lambda bm, br: bm * (block_n * grad_y.element_size() + br * 4),
+        device=grad_y.device,
     )
-    tiles = triton.cdiv(N, block_n) * triton.cdiv(R, block_r)
-    splits, m_per_split = _launch.reduction_split(tiles, M, block_m, grad_y.device)
-    db = grad_y.new_empty((N, R) if splits == 1 else (splits, N, R), dtype=torch.float32)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(R, block_r), splits)
-    wrap_triton(_grad_b_kernel)[grid](
+    db = plan.partials(grad_y, (N, R))
+    wrap_triton(_grad_b_kernel)[plan.grid](
         grad_y,
         S,
         db,
         M,
         N,
         R,
-        m_per_split,
+        plan.per_split,
         grad_y.stride(0),
         grad_y.stride(1),
         S.stride(0),
         S.stride(1),
-        0 if splits == 1 else db.stride(0),
+        plan.split_stride(db),
         db.stride(-2),
         db.stride(-1),
         scaling,
         BLOCK_N=block_n,
-        BLOCK_M=block_m,
-        BLOCK_R=block_r,
+        BLOCK_M=plan.block,
+        BLOCK_R=plan.block_r,
         PRECISION=_launch.dot_precision(grad_y.dtype, S.dtype),
         num_warps=4,
-        num_stages=stages,
+        num_stages=plan.stages,
     )
-    return db if splits == 1 else db.sum(0)
+    return plan.reduce(db)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import _launch
 from ._dot import mixed_dot
 from ._dropout import DropoutArgs, load_dropped_x, quad_aligned
+from ._launch import wrap_triton
 
 
-# M is not specialised: batches of any token count share one compiled kernel.
+# M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M"])
 def _grad_a_kernel(
     ds_ptr,
@@ -109,17 +109,19 @@ def grad_a_pass(dS: torch.Tensor, x: torch.Tensor, dropout: DropoutArgs) -> torc
     M, K = x.shape
     R = dS.shape[1]
     # Column tiles of dA, rows of x per step.
-    block_r = _launch.rank_block(R, _launch.SKINNY_RANK_BLOCK)
     block_k = 32 if _launch.INTERPRETED else 64
-    block_m = _launch.stream_block(x.dtype, x.dtype, block_r=block_r)
-    block_m, stages = _launch.fit_pipeline(
-        lambda bm: bm * (block_k * x.element_size() + block_r * 4), block_m, x.device
+    plan = _launch.plan_reduction(
+        K,
+        block_k,
+        M,
+        R,
+        x.dtype,
+        x.dtype,
+        stage_bytes=lambda bm, br: bm * (block_k * x.element_size() + br * 4),
+        device=x.device,
     )
-    tiles = triton.cdiv(K, block_k) * triton.cdiv(R, block_r)
-    splits, m_per_split = _launch.reduction_split(tiles, M, block_m, x.device)
-    da = x.new_empty((R, K) if splits == 1 else (splits, R, K), dtype=torch.float32)
-    grid = (triton.cdiv(K, block_k), triton.cdiv(R, block_r), splits)
-    wrap_triton(_grad_a_kernel)[grid](
+    da = plan.partials(x, (R, K))
+    wrap_triton(_grad_a_kernel)[plan.grid](
         dS,
         x,
         dropout.seed,
@@ -127,23 +129,23 @@ def grad_a_pass(dS: torch.Tensor, x: torch.Tensor, dropout: DropoutArgs) -> torc
         M,
         K,
         R,
-        m_per_split,
+        plan.per_split,
         dS.stride(0),
         dS.stride(1),
         x.stride(0),
         x.stride(1),
-        0 if splits == 1 else da.stride(0),
+        plan.split_stride(da),
         da.stride(-2),
         da.stride(-1),
         dropout.threshold,
         dropout.keep_scale,
         BLOCK_K=block_k,
-        BLOCK_M=block_m,
-        BLOCK_R=block_r,
+        BLOCK_M=plan.block,
+        BLOCK_R=plan.block_r,
         DROPOUT=dropout.enabled,
         QUAD_ALIGNED=quad_aligned(K),
         PRECISION=_launch.dot_precision(x.dtype, dS.dtype),
         num_warps=4,
-        num_stages=stages,
+        num_stages=plan.stages,
     )
-    return da if splits == 1 else da.sum(0)
+    return plan.reduce(da)
