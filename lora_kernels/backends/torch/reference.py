@@ -85,15 +85,7 @@ def lora_backward(
 
 
 def dora_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    g: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: torch.Tensor | None,
+    x, weight, bias, lora_A, lora_B, g, scaling: float, dropout_p: float, seed
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, Z) of the DoRA op for 2-D x (contract: ops/schemas.py): Z = x̃·W0ᵀ +
     s·(x̃·Aᵀ)·Bᵀ, y = x·W0ᵀ + b + (g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ s·(x̃·Aᵀ)·Bᵀ."""
@@ -111,17 +103,7 @@ def dora_forward(
 
 
 def dora_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    g: torch.Tensor,
-    Z: torch.Tensor,
-    scaling: float,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-    output_mask: Sequence[bool],
+    grad_y, x, weight, lora_A, lora_B, g, Z, scaling: float, dropout_p: float, seed, output_mask
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_bias, grad_A, grad_B, grad_g) of the DoRA op; unrequested ones
     empty. S = x̃·Aᵀ is recomputed (M×r, cheap) rather than saved."""

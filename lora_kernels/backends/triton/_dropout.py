@@ -87,21 +87,9 @@ def keep_mask(
 
 @triton.jit
 def load_dropped_x(
-    x_ptr,
-    stride_xm,
-    stride_xk,
-    offs_m,
-    offs_k,
-    mask_m,
-    mask_k,
-    seed,
-    k0,
-    K,
-    threshold,
-    BLOCK_K: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    QUAD_ALIGNED: tl.constexpr,
-):
+    x_ptr, stride_xm, stride_xk, offs_m, offs_k, mask_m, mask_k, seed, k0, K, threshold,
+    BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr, QUAD_ALIGNED: tl.constexpr
+):  # fmt: skip
     """The x tile of rows ``offs_m`` × columns ``offs_k`` (0 outside the masks),
     zeroed where dropout drops an element. Kept values are not scaled: the
     kernels apply 1/(1 − p) once to their accumulators."""

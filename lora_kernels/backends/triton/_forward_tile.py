@@ -43,21 +43,10 @@ def lora_and_output_args(
 
 @triton.jit
 def lora_term(
-    s_ptr,
-    b_ptr,
-    rows,
-    cols,
-    R,
-    stride_sm,
-    stride_sr,
-    stride_bn,
-    stride_br,
-    scaling,
-    LORA_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    s_ptr, b_ptr, rows, cols, R, stride_sm, stride_sr, stride_bn, stride_br, scaling,
+    LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr
+):  # fmt: skip
     """scaling·S·Bᵀ over the tile's ``rows`` × ``cols`` (in range: callers wrap
     edge rows/columns, whose results the store discards), in fp32, reduced over
     the rank in chunks of ``BLOCK_R``: S an M×R matrix, B an N×R one, each with

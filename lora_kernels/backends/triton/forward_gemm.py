@@ -90,21 +90,9 @@ def _forward_kernel(
     mask_m = offs_m < M
 
     acc = lora_term(
-        s_ptr,
-        b_ptr,
-        rows,
-        cols,
-        R,
-        stride_sm,
-        stride_sr,
-        stride_bn,
-        stride_br,
-        scaling,
-        LORA_PRECISION,
-        BLOCK_R,
-        BLOCK_M,
-        BLOCK_N,
-    )
+        s_ptr, b_ptr, rows, cols, R, stride_sm, stride_sr, stride_bn, stride_br, scaling,
+        LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N
+    )  # fmt: skip
 
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)

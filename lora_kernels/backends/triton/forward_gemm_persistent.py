@@ -87,21 +87,9 @@ def _persistent_forward_kernel(
         # (valid memory, results discarded by the store mask).
         cols = offs_n % N
         acc = lora_term(
-            s_ptr,
-            b_ptr,
-            offs_m % M,
-            cols,
-            R,
-            stride_sm,
-            stride_sr,
-            stride_bn,
-            stride_br,
-            scaling,
-            LORA_PRECISION,
-            BLOCK_R,
-            BLOCK_M,
-            BLOCK_N,
-        )
+            s_ptr, b_ptr, offs_m % M, cols, R, stride_sm, stride_sr, stride_bn, stride_br,
+            scaling, LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N
+        )  # fmt: skip
         for k0 in range(0, K, BLOCK_K):
             x = x_desc.load([pid_m * BLOCK_M, k0])
             w = w_desc.load([pid_n * BLOCK_N, k0])

@@ -71,21 +71,9 @@ def _grad_a_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < m_end
         x = load_dropped_x(
-            x_ptr,
-            stride_xm,
-            stride_xk,
-            offs_m,
-            offs_k,
-            mask_m,
-            mask_k,
-            seed,
-            k0,
-            K,
-            threshold,
-            BLOCK_K,
-            DROPOUT,
-            QUAD_ALIGNED,
-        )
+            x_ptr, stride_xm, stride_xk, offs_m, offs_k, mask_m, mask_k, seed, k0, K,
+            threshold, BLOCK_K, DROPOUT, QUAD_ALIGNED
+        )  # fmt: skip
         ds = tl.load(
             ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
             mask=mask_m[:, None] & mask_r[None, :],

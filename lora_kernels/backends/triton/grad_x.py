@@ -78,21 +78,9 @@ def _grad_x_kernel(
 
     # dS·A with the forward's rank arithmetic: A (r×K) read as the N×r B there.
     acc = lora_term(
-        ds_ptr,
-        a_ptr,
-        rows,
-        cols,
-        R,
-        stride_dsm,
-        stride_dsr,
-        stride_ak,
-        stride_ar,
-        1.0,
-        LORA_PRECISION,
-        BLOCK_R,
-        BLOCK_M,
-        BLOCK_K,
-    )
+        ds_ptr, a_ptr, rows, cols, R, stride_dsm, stride_dsr, stride_ak, stride_ar, 1.0,
+        LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K
+    )  # fmt: skip
     if DROPOUT:
         # The mask of the tile's true (unwrapped) rows and columns.
         keep = keep_mask(

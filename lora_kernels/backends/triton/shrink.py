@@ -64,21 +64,9 @@ def _shrink_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < k_end
         x = load_dropped_x(
-            x_ptr,
-            stride_xm,
-            stride_xk,
-            offs_m,
-            offs_k,
-            mask_m,
-            mask_k,
-            seed,
-            k0,
-            K,
-            threshold,
-            BLOCK_K,
-            DROPOUT,
-            QUAD_ALIGNED,
-        )
+            x_ptr, stride_xm, stride_xk, offs_m, offs_k, mask_m, mask_k, seed, k0, K,
+            threshold, BLOCK_K, DROPOUT, QUAD_ALIGNED
+        )  # fmt: skip
         a_t = tl.load(
             a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
             mask=mask_k[:, None] & mask_r[None, :],
