@@ -113,11 +113,38 @@ _PACKAGES: dict[str, _Entry] = {
     "torch": _Entry("lora_kernels.backends.torch"),
 }
 # The backends `auto` tries, in order, per kind of device; any other kind: DEFAULT_ORDER.
+# On CUDA tensors the cuda backend comes first: its large products are cuBLAS GEMMs.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "cuda", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
     "cpu": ("cpu", "torch"),
 }
 DEFAULT_ORDER = ("torch",)
+
+
+@dataclass(frozen=True)
+class Preference:
+    """A GPU class on which ``auto`` tries ``order`` instead, and the recorded
+    benchmark that shows it faster there (a file under benchmarks/results/)."""
+
+    gpu: str  # a substring of torch.cuda.get_device_name(), e.g. "H200"
+    order: tuple[str, ...]
+    evidence: str
+
+
+# Measured so far (benchmarks/results/h200-2026-11-28.md, H200, bf16, M=8192, 4096→4096,
+# r=16): cuda 1.80 / 1.73 ms against triton 2.52 / 1.92 ms per training step at dropout
+# 0.1 / 0: no GPU class where triton is faster, so no preference overrides AUTO_ORDER.
+GPU_PREFERENCES: tuple[Preference, ...] = ()
+
+
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    """The backends ``auto`` tries on ``device``, in order."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for preference in GPU_PREFERENCES:
+            if preference.gpu in name:
+                return preference.order
+    return AUTO_ORDER.get(device.type, DEFAULT_ORDER)
 BACKEND_NAMES: tuple[str, ...] = ("auto", *_PACKAGES)
 
 _LOADED: dict[str, Backend] = {}
@@ -168,16 +195,17 @@ def resolve_backend(name: str, x: torch.Tensor, *, dora: bool = False) -> Backen
     """The backend that runs ``x`` (with ``dora``: the DoRA op) for the requested ``name``.
 
     ``auto`` takes ``LORA_KERNELS_BACKEND`` when it is set and names a backend
-    built for x's kind of device; otherwise it tries ``AUTO_ORDER`` for x's
-    kind of device (triton → cuda → torch on CUDA tensors, cpu → torch on CPU
-    tensors), skipping backends that cannot take the input, so it never fails
+    built for x's kind of device; otherwise it tries ``auto_order`` for x's
+    device (cuda → triton → torch on CUDA tensors unless a recorded benchmark
+    says otherwise for the GPU, cpu → torch on CPU tensors), skipping backends
+    that cannot take the input, so it never fails
     where ``torch`` works. A backend named here or by the variable, on a
     device it serves, must run the input or raise a ``RuntimeError`` saying why.
     """
     if name == "auto":
         name = backend_for_device(env_backend(), x.device)
     if name == "auto":
-        for candidate in AUTO_ORDER.get(x.device.type, DEFAULT_ORDER):
+        for candidate in auto_order(x.device):
             backend = get_backend(candidate)
             if backend.unsupported(x, dora=dora) is None:
                 return backend

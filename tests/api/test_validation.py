@@ -4,6 +4,7 @@ any kernel runs; the C++ entry points check the same things themselves."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +277,19 @@ def test_cpu_backend_choices_do_not_apply_to_gpu_tensors(monkeypatch):
     assert lora_kernels.ops.registry.resolve_backend("auto", x).name in ("triton", "cuda")
     layer = LoRALinear(8, 4, r=2, backend="cpu").cuda()
     torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+
+def test_auto_order_follows_the_recorded_gpu_preferences(monkeypatch):
+    # cuda before triton on CUDA tensors, unless a recorded benchmark says so for that GPU.
+    from lora_kernels.ops import registry
+
+    for recorded in registry.GPU_PREFERENCES:  # each rests on a recorded measurement
+        assert (Path(__file__).parents[2] / "benchmarks" / recorded.evidence).is_file()
+    assert registry.auto_order(torch.device("cpu")) == ("cpu", "torch")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert registry.auto_order(torch.device("cuda")) == ("cuda", "triton", "torch")
+    preference = registry.Preference("H200", ("triton", "cuda", "torch"), "results/example.md")
+    monkeypatch.setattr(registry, "GPU_PREFERENCES", (preference,))
+    assert registry.auto_order(torch.device("cuda")) == ("triton", "cuda", "torch")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    assert registry.auto_order(torch.device("cuda")) == ("cuda", "triton", "torch")
