@@ -74,17 +74,23 @@ def _run_ddp(rank: int) -> dict:
     return result
 
 
-def _run_fsdp2(rank: int) -> dict:
+def _fsdp2_model() -> nn.Module:
+    """make_model() sharded by FSDP2: each LoRALinear, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    x, y = make_data()
     model = make_model()
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     for layer in model:
         if isinstance(layer, LoRALinear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def _run_fsdp2(rank: int) -> dict:
+    x, y = make_data()
+    model = _fsdp2_model()
 
     from torch.distributed.tensor import DTensor
 
@@ -95,16 +101,8 @@ def _run_fsdp2(rank: int) -> dict:
 
 
 def _run_fsdp2_and_save(rank: int, out_dir: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     x, y = make_data()
-    model = make_model()
-    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-    for layer in model:
-        if isinstance(layer, LoRALinear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = _fsdp2_model()
     train(model, _local_rows(x, rank), _local_rows(y, rank))
     save_adapter(model, f"{out_dir}/fsdp2_adapter")
 
