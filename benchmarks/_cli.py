@@ -11,7 +11,7 @@ import torch
 
 from lora_kernels.interop.params import format_table
 
-from .cases import QUANTS
+from .cases import QUANTS, VARIANTS
 
 __all__ = [
     "ADAPTER_DTYPE_NAMES",
@@ -82,9 +82,10 @@ def add_problem_flags(
     dropout: float = 0.1,
     quant: bool = True,
     bias: bool = True,
+    variant: bool = True,
 ) -> None:
     """The flags of one LoRA problem: ``--tokens --in-features --out-features
-    --rank --dtype [--adapter-dtype] --dropout [--bias] [--quant]``.
+    --rank --dtype [--adapter-dtype] --dropout [--bias] [--quant] [--variant]``.
 
     ``several``: each flag but ``--bias`` takes a list (its default a list of one), and
     the tool measures every combination. ``dtype`` None: the tool chooses, as
@@ -124,6 +125,14 @@ def add_problem_flags(
             "base weight: dense (none) or NF4 (nf4, QLoRA: base is bitsandbytes' Linear4bit, "
             "peft its 4-bit LoRA layer)",
             choices=QUANTS,
+        )
+    if variant:
+        add(
+            "--variant",
+            VARIANTS[0],
+            "the layer: LoRA (lora) or DoRA (dora, peft's use_dora=True: a trainable "
+            "magnitude per output row)",
+            choices=VARIANTS,
         )
 
 

@@ -45,6 +45,14 @@ def child_main(config_json: str) -> None:
         print(json.dumps({"unavailable": reason or "not listed by available_backends"}))
         return
 
+    dora = config.get("variant") == "dora"
+    if dora:
+        from lora_kernels.ops.registry import get_backend
+
+        if get_backend(backend).dora is None:
+            print(json.dumps({"not_run": "it has no DoRA kernels"}))
+            return
+
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config["dtype"]]
     on_cuda = device.type == "cuda"
 
@@ -65,6 +73,7 @@ def child_main(config_json: str) -> None:
         init_lora_weights=False,  # random A and B: the LoRA branch does real work
         device=device,
         dtype=dtype,
+        use_dora=dora,
     )
     sync()
     build_s = time.perf_counter() - layer_start

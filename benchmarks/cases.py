@@ -1,6 +1,6 @@
 """What gets measured: LoRA problems (shape, tokens, rank, dtype, adapter
-dtype, base quantization), settings (training with a dropout probability, or inference), modes,
-and the presets.
+dtype, base quantization, variant: LoRA or DoRA), settings (training with a dropout
+probability, or inference), modes, and the presets.
 
 A *problem* fixes the tensors; a *setting* fixes how the layer runs
 (train/eval, dropout); a *mode* fixes what is timed.
@@ -8,6 +8,7 @@ A *problem* fixes the tensors; a *setting* fixes how the layer runs
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import zlib
 from dataclasses import dataclass
@@ -57,6 +58,13 @@ NF4 = "nf4"
 QUANTS = (NO_QUANT, NF4)
 
 
+# The layer of a grid: LoRA, or DoRA (peft's use_dora=True: a trainable magnitude m
+# and g = m / ‖W0 + s·B·A‖ scaling the output columns).
+LORA = "lora"
+DORA = "dora"
+VARIANTS = (LORA, DORA)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         dtype, str(dtype).removeprefix("torch.")
@@ -67,7 +75,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 class Problem:
     """One LoRA linear layer and one batch: x is (tokens, in_features); A and B
     are in ``adapter_dtype`` (None: the layer's dtype); W0 is dense, or NF4
-    with ``quant="nf4"`` (then ``dtype`` is the compute dtype)."""
+    with ``quant="nf4"`` (then ``dtype`` is the compute dtype); ``variant="dora"``
+    adds DoRA's magnitude m (out_features, in the adapters' dtype)."""
 
     in_features: int
     out_features: int
@@ -78,6 +87,7 @@ class Problem:
     device: str
     adapter_dtype: torch.dtype | None = None
     quant: str = NO_QUANT
+    variant: str = LORA
 
     @property
     def scaling(self) -> float:
@@ -99,9 +109,10 @@ class Problem:
             f" {dtype_name(self.lora_dtype)} adapters" if self.lora_dtype != self.dtype else ""
         )
         quant = f" {self.quant} base" if self.quant != NO_QUANT else ""
+        variant = " DoRA" if self.variant == DORA else ""
         return (
             f"{self.shape_label} M={self.tokens} r={self.rank} "
-            f"{dtype_name(self.dtype)}{adapters}{quant}{bias}"
+            f"{dtype_name(self.dtype)}{adapters}{quant}{variant}{bias}"
         )
 
 
@@ -123,7 +134,12 @@ class Setting:
 
 @dataclass(frozen=True)
 class Grid:
-    """A benchmark grid; ``providers`` None means every provider."""
+    """A benchmark grid; ``providers`` None means every provider.
+
+    ``variant_providers``: (variant, providers) pairs for the variants whose
+    problems run other providers than ``providers`` (e.g. a DoRA grid that times
+    the LoRA step of the fused backends beside it).
+    """
 
     shapes: tuple[tuple[int, int], ...]
     tokens: tuple[int, ...]
@@ -135,12 +151,24 @@ class Grid:
     bias: bool = False
     adapter_dtypes: tuple[str, ...] = (SAME_AS_LAYER,)
     quants: tuple[str, ...] = (NO_QUANT,)
+    variants: tuple[str, ...] = (LORA,)
+    variant_providers: tuple[tuple[str, tuple[str, ...] | None], ...] = ()
+
+    def providers_of(self, variant: str) -> tuple[str, ...] | None:
+        """The providers of ``variant``'s problems."""
+        return dict(self.variant_providers).get(variant, self.providers)
 
     def problems(self, device: str) -> list[Problem]:
         """Every combination; an adapter dtype equal to the layer's counts as "same"."""
         problems = []
-        for (k, n), m, r, dtype, adapters, quant in itertools.product(
-            self.shapes, self.tokens, self.ranks, self.dtypes, self.adapter_dtypes, self.quants
+        for (k, n), m, r, dtype, adapters, quant, variant in itertools.product(
+            self.shapes,
+            self.tokens,
+            self.ranks,
+            self.dtypes,
+            self.adapter_dtypes,
+            self.quants,
+            self.variants,
         ):
             adapter_dtype = ADAPTER_DTYPES[adapters]
             problem = Problem(
@@ -153,6 +181,7 @@ class Grid:
                 device,
                 None if adapter_dtype == dtype else adapter_dtype,
                 quant,
+                variant,
             )
             if problem not in problems:
                 problems.append(problem)
@@ -246,7 +275,54 @@ PRESETS: dict[str, Grid] = {
         providers=("base", "peft", "lora_kernels"),
         quants=(NF4, NO_QUANT),
     ),
+    # DoRA's GPU targets (benchmarks/targets.py): the training step of the anchor
+    # problem in DoRA against peft's DoRA layer and the frozen base, with the LoRA
+    # step of the fused backends beside it (the fused DoRA step is held to it).
+    # On the CPU: CPU_PRESETS["dora"].
+    "dora": Grid(
+        shapes=((4096, 4096),),
+        tokens=(8192,),
+        ranks=(16,),
+        dtypes=(torch.bfloat16,),
+        dropouts=(0.0, 0.1),
+        modes=(FORWARD_BACKWARD,),
+        providers=("base", "torch-naive", "peft", "lora_kernels"),
+        variants=(DORA, LORA),
+        variant_providers=((LORA, ("base", "lora_kernels")),),
+    ),
+    # The cpu backend's DoRA targets (benchmarks/targets.py): the cpu-targets
+    # problem in DoRA, a training step at dropout 0 and 0.1 against peft's DoRA
+    # layer and the frozen base.
+    "cpu-dora-targets": Grid(
+        shapes=((2048, 2048),),
+        tokens=(4096,),
+        ranks=(16,),
+        dtypes=(torch.float32,),
+        dropouts=(0.0, 0.1),
+        modes=(FORWARD_BACKWARD,),
+        providers=("base", "peft", "lora_kernels"),
+        bias=True,
+        variants=(DORA,),
+    ),
 }
+
+# Presets whose grid differs on the CPU (preset_grid): ``dora`` there is the
+# cpu-dora-targets problem, with the same peers and LoRA rows as on a GPU.
+CPU_PRESETS: dict[str, Grid] = {
+    "dora": dataclasses.replace(
+        PRESETS["cpu-dora-targets"],
+        providers=PRESETS["dora"].providers,
+        variants=PRESETS["dora"].variants,
+        variant_providers=PRESETS["dora"].variant_providers,
+    ),
+}
+
+
+def preset_grid(name: str, device: str) -> Grid:
+    """The grid of preset ``name`` on a device of type ``device`` ("cpu", "cuda")."""
+    if device == "cpu" and name in CPU_PRESETS:
+        return CPU_PRESETS[name]
+    return PRESETS[name]
 
 
 @dataclass
@@ -263,10 +339,16 @@ class LoRATensors:
     # With an NF4 base: the quantized W0, and ``weight`` is its dequantized value in
     # the layer's dtype (what every provider multiplies by, and the oracle's W0).
     nf4: NF4Weight | None = None
+    # DoRA: the magnitude m (out_features,), in the adapters' dtype.
+    magnitude: torch.Tensor | None = None
 
     def parameters(self) -> list[torch.Tensor]:
         """The tensors alive anyway (the layer's storage), never counted as saved."""
-        tensors = [t for t in (self.weight, self.bias, self.lora_A, self.lora_B) if t is not None]
+        tensors = [
+            t
+            for t in (self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude)
+            if t is not None
+        ]
         if self.nf4 is not None:
             tensors += [
                 t for t in (self.nf4.packed, self.nf4.absmax, self.nf4.absmax2) if t is not None
@@ -279,6 +361,10 @@ def make_tensors(problem: Problem, seed: int = 0) -> LoRATensors:
 
     nn.Linear-style uniform weights; B is random (not peft's zero init) so the
     LoRA branch contributes to y and a wrong LoRA term cannot pass validation.
+    DoRA's magnitude is drawn last (the other tensors are the LoRA problem's):
+    peft starts it at ‖W0 + s·B·A‖ per row (g = 1); here each row's is that norm
+    times a factor in [0.5, 1.5], so g differs from 1 and a provider that drops
+    or misplaces the scale cannot pass validation either.
     """
     key = f"{seed}:{problem.in_features}:{problem.out_features}:{problem.tokens}:{problem.rank}"
     gen = torch.Generator(device=problem.device).manual_seed(zlib.crc32(key.encode()))
@@ -305,4 +391,11 @@ def make_tensors(problem: Problem, seed: int = 0) -> LoRATensors:
         tensors.weight = tensors.nf4.dequantize(problem.dtype)
     elif problem.quant != NO_QUANT:
         raise ValueError(f"quant must be one of {QUANTS}, got {problem.quant!r}")
+    if problem.variant == DORA:
+        A, B = tensors.lora_A.double(), tensors.lora_B.double()
+        norm = (tensors.weight.double() + tensors.scaling * (B @ A)).norm(dim=1)
+        factor = uniform(N, bound=0.5, dtype=torch.float64) + 1.0
+        tensors.magnitude = (norm * factor).to(problem.lora_dtype)
+    elif problem.variant != LORA:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {problem.variant!r}")
     return tensors

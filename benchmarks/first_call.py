@@ -50,6 +50,7 @@ class Case:
     rank: int
     dropout: float
     autotune: bool = False
+    variant: str = "lora"  # or "dora": LoRALinear(use_dora=True)
 
     @property
     def new_tokens(self) -> int:
@@ -65,9 +66,10 @@ class Case:
         return self.backend == "triton" and device_type(self.device) == "cpu"
 
     def shape(self) -> str:
+        dora = " DoRA" if self.variant == "dora" else ""
         return (
             f"M={self.tokens} {self.in_features}→{self.out_features} r{self.rank} "
-            f"{self.dtype} p={self.dropout:g}"
+            f"{self.dtype}{dora} p={self.dropout:g}"
         )
 
 
@@ -81,6 +83,10 @@ class ChildError(RuntimeError):
 
 class BackendUnavailable(RuntimeError):
     """The backend cannot run on the device (reported by the child)."""
+
+
+class NotRun(RuntimeError):
+    """The backend runs on the device but not this case (DoRA without DoRA kernels)."""
 
 
 # --------------------------------------------------------------------------- token counts
@@ -209,6 +215,8 @@ def run_case(case: Case, timeout_s: float) -> dict[str, Any]:
         raise ChildError(why, _tail(proc.stderr or proc.stdout))
     if "unavailable" in result:
         raise BackendUnavailable(str(result["unavailable"]))
+    if "not_run" in result:
+        raise NotRun(str(result["not_run"]))
     if result["device_name"] is None:
         result["device_name"] = _cli.cpu_model()
     target_met = None if case.interpreted else result["first_call_s"] <= TARGET_S
@@ -367,22 +375,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     cases = [
-        Case(backend, device, dtype, m, k, n, r, p, args.autotune)
-        for m, k, n, r, dtype, p, backend in itertools.product(
+        Case(backend, device, dtype, m, k, n, r, p, args.autotune, variant)
+        for m, k, n, r, dtype, p, variant, backend in itertools.product(
             args.tokens,
             args.in_features,
             args.out_features,
             args.rank,
             dtypes,
             args.dropout,
+            list(dict.fromkeys(args.variant)),
             backends,
         )
     ]
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     unavailable: dict[str, str] = {}
+    not_run: set[tuple[str, str]] = set()  # (backend, variant): the same answer for every shape
     for index, case in enumerate(cases, 1):
-        if case.backend in unavailable:  # the same answer for every shape
+        if case.backend in unavailable or (case.backend, case.variant) in not_run:
             continue
         label = f"[{index}/{len(cases)}] {case.backend} {case.shape()}"
         print(f"{label} ...", flush=True)
@@ -397,6 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{label}: FAILED: {message}", file=sys.stderr)
             else:
                 notes.append(f"{message} (skipped)")
+            continue
+        except NotRun as exc:  # not a failure: the backend lacks this variant's kernels
+            not_run.add((case.backend, case.variant))
+            notes.append(f"{case.backend} {case.variant}: not run: {exc}")
+            print(f"{label}: not run: {exc}", flush=True)
             continue
         except ChildError as exc:
             failures.append({**asdict(case), "error": str(exc), "stderr_tail": exc.stderr_tail})

@@ -1,7 +1,8 @@
 """Plots of stored runs: ``python -m benchmarks.plot`` → PNGs in benchmarks/results/.
 
 For the latest run of each device (or ``--run RUN_ID``), and each precision
-in it (``<precision>``: the dtype, e.g. ``bf16``, ``bf16-fp32-adapters`` or ``bf16-nf4-base``):
+in it (``<precision>``: the dtype, e.g. ``bf16``, ``bf16-fp32-adapters``, ``bf16-nf4-base`` or
+``fp32-DoRA``):
 
 * ``<device>_<precision>_speedup_<mode>.png``: speedup over torch-naive vs
   tokens, one panel per shape (rows) and rank (columns), one line per

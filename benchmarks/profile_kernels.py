@@ -451,6 +451,7 @@ def run(argv: Sequence[str] | None = None) -> list[ProviderProfile]:
         device.type,
         None if adapter_dtype == dtype else adapter_dtype,  # as Grid.problems() spells it
         args.quant,
+        args.variant,
     )
     setting = Setting(True, args.dropout)
     if device.type == "cuda":

@@ -13,6 +13,15 @@ compares, each built on the same tensors so outputs are comparable.
 ``lora_kernels:X``  ``LoRALinear`` on backend X, for each backend this device has
 =================== ==========================================================
 
+With DoRA (``--variant dora``, peft's ``use_dora=True``) every provider computes
+DoRA on the problem's magnitude m: ``torch-naive`` is peft's ``DoraLinearLayer``
+formula in plain PyTorch (the norm of W0 + s·B·A, B·A from ``lora_B(lora_A(eye))``,
+detached), ``torch-compile`` compiles it, ``peft`` and ``peft-default`` are peft's
+DoRA layer, ``merged`` folds g ⊙ (W0 + s·B·A) into one weight, the lora_kernels
+backends run ``LoRALinear(use_dora=True)`` (a backend without DoRA kernels is
+skipped: "not run: it has no DoRA kernels"); ``addmm``, a LoRA composition, is
+skipped.
+
 With an NF4 base (``--quant nf4``, QLoRA) every provider's base layer holds the
 same quantized W0: ``base``, ``torch-naive``, ``addmm`` and ``peft`` use
 bitsandbytes' ``Linear4bit`` (its ``matmul_4bit``; peft's own 4-bit LoRA layer
@@ -38,28 +47,32 @@ from torch import nn
 from torch.nn import functional as F
 
 import lora_kernels
+from lora_kernels.ops.registry import get_backend
 
 from .cases import LoRATensors, Setting
 
 LORA_KERNELS_PREFIX = "lora_kernels:"
 REFERENCE_BACKEND = "torch"
+# Why a lora_kernels backend without a DoRA op pair (``Backend.dora``) has no DoRA rows.
+NO_DORA_KERNELS = "not run: it has no DoRA kernels"
 
 
 @dataclass
 class Built:
     """A provider instantiated for one problem and setting.
 
-    ``module`` maps x (M, K) to y (M, N); ``lora_A``/``lora_B`` are the
-    parameters whose gradients training computes (None for providers without
-    an adapter).
+    ``module`` maps x (M, K) to y (M, N); ``lora_A``/``lora_B`` (and DoRA's
+    ``magnitude``) are the parameters whose gradients training computes (None
+    for providers without an adapter).
     """
 
     module: nn.Module
     lora_A: nn.Parameter | None = None
     lora_B: nn.Parameter | None = None
+    magnitude: nn.Parameter | None = None
 
     def trainable(self) -> list[torch.Tensor]:
-        return [p for p in (self.lora_A, self.lora_B) if p is not None]
+        return [p for p in (self.lora_A, self.lora_B, self.magnitude) if p is not None]
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,7 @@ class Provider:
     """A named way to compute the layer.
 
     ``adds_lora``: its output includes the LoRA term (validated against the
-    LoRA reference, else against the base linear). ``lora_flops``: its work
+    LoRA -- or DoRA -- reference, else against the base linear). ``lora_flops``: its work
     includes the rank-r matmuls (used by the flop count). ``lora_kernels_backend``:
     the backend name for ``lora_kernels:*`` providers, whose dropout mask is
     reproducible from torch's seed and so can be checked exactly.
@@ -159,6 +172,84 @@ class NaiveLoRALinear(nn.Module):
         return (self.base_layer(x) + lora).to(x.dtype)
 
 
+def peft_dora_output(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    """The base output ``result`` = x·W0ᵀ + b plus DoRA's term, as peft's
+    ``DoraLinearVariant``/``DoraLinearLayer`` compute it: x in the adapters' dtype,
+    B·A as ``lora_B(lora_A(eye))`` and the row norm of W0 + s·B·A detached (DoRA §4.3),
+    (g − 1) ⊙ base + g ⊙ s·lora_B(lora_A(x̃)), where base is ``result`` − b without
+    dropout and x̃·W0ᵀ with it (``dropout_p`` 0 in evaluation); the sum in the
+    output's dtype."""
+    lora_x = x.to(lora_A.dtype)
+    if dropout_p > 0:
+        lora_x = F.dropout(lora_x, dropout_p, True)
+    eye = torch.eye(lora_A.shape[1], device=lora_A.device, dtype=lora_A.dtype)
+    lora_weight = F.linear(F.linear(eye, lora_A), lora_B).t().to(lora_x.dtype)
+    dense = weight.to(lora_x.dtype)
+    norm = torch.linalg.norm(dense + scaling * lora_weight.detach(), dim=1).to(dense.dtype)
+    scale = (magnitude / norm.detach()).view(1, -1)
+    lora_result = F.linear(F.linear(lora_x, lora_A), lora_B)
+    if dropout_p > 0:
+        base_result = F.linear(lora_x, dense)
+    else:
+        base_result = result if bias is None else result - bias
+    dora = (scale - 1) * base_result + scale * lora_result * scaling
+    return (result + dora).to(result.dtype)
+
+
+def naive_dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+) -> torch.Tensor:
+    """NaiveDoRALinear's computation on a dense base, as a function of its tensors."""
+    dropout_p = dropout_p if training else 0.0
+    result = F.linear(x, weight, bias)
+    return peft_dora_output(result, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p)
+
+
+class NaiveDoRALinear(NaiveLoRALinear):
+    """DoRA as peft computes it, in plain PyTorch: ``base(x)`` plus peft's DoRA term
+    (``peft_dora_output``). An NF4 base is dequantized for the norm and x̃·W0ᵀ on each
+    call, as peft's ``dequantize_module_weight`` does."""
+
+    def __init__(self, t: LoRATensors, dropout_p: float) -> None:
+        super().__init__(t, dropout_p)
+        self.lora_magnitude_vector = nn.Parameter(t.magnitude)
+        self._weight, self._nf4 = t.weight, t.nf4
+
+    def dense_weight(self) -> torch.Tensor:
+        return self._weight if self._nf4 is None else self._nf4.dequantize(self._weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return peft_dora_output(
+            self.base_layer(x),
+            x,
+            self.dense_weight(),
+            self.base_layer.bias,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.lora_magnitude_vector,
+            self.scaling,
+            self.lora_dropout.p if self.training else 0.0,
+        )
+
+
 class AddmmLoRALinear(nn.Module):
     """y = x·W0ᵀ + b, then y += s·(x·Aᵀ)·Bᵀ in place with one BLAS addmm (no
     dropout); x·Aᵀ in the adapters' dtype, the addmm in the layer's."""
@@ -180,9 +271,18 @@ def _build_base(t: LoRATensors, setting: Setting) -> Built:
     return Built(_base_layer(t))
 
 
+def _built_naive(module: NaiveLoRALinear) -> Built:
+    return Built(
+        module,
+        module.lora_A.weight,
+        module.lora_B.weight,
+        getattr(module, "lora_magnitude_vector", None),
+    )
+
+
 def _build_naive(t: LoRATensors, setting: Setting) -> Built:
-    module = NaiveLoRALinear(t, setting.dropout_p)
-    return Built(module, module.lora_A.weight, module.lora_B.weight)
+    naive = NaiveLoRALinear if t.magnitude is None else NaiveDoRALinear
+    return _built_naive(naive(t, setting.dropout_p))
 
 
 def _build_peft(
@@ -198,7 +298,8 @@ def _build_peft(
 
     r = t.lora_A.shape[0]
     alpha = t.scaling * r
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=setting.dropout_p)
+    dora = t.magnitude is not None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=setting.dropout_p, use_dora=dora)
     module = PeftLoraLinear(
         base,
         "default",
@@ -211,7 +312,13 @@ def _build_peft(
     adapter_dtype = adapter_dtype or t.lora_A.dtype
     module.lora_A["default"].weight = nn.Parameter(t.lora_A.to(adapter_dtype))
     module.lora_B["default"].weight = nn.Parameter(t.lora_B.to(adapter_dtype))
-    return Built(module, module.lora_A["default"].weight, module.lora_B["default"].weight)
+    magnitude = None
+    if dora:  # peft's DoRA layer keeps m as lora_magnitude_vector["default"].weight
+        magnitude = nn.Parameter(t.magnitude.to(adapter_dtype))
+        module.lora_magnitude_vector["default"].weight = magnitude
+    return Built(
+        module, module.lora_A["default"].weight, module.lora_B["default"].weight, magnitude
+    )
 
 
 def _build_peft_default(t: LoRATensors, setting: Setting) -> Built:
@@ -222,6 +329,8 @@ def _build_peft_default(t: LoRATensors, setting: Setting) -> Built:
 
 
 def _build_addmm(t: LoRATensors, setting: Setting) -> Built:
+    if t.magnitude is not None:
+        raise NotApplicable("the addmm composition is LoRA's: it has no DoRA scale")
     module = AddmmLoRALinear(t)
     return Built(module, module.lora_A, module.lora_B)
 
@@ -254,6 +363,12 @@ def _compiled_naive_lora_linear() -> Callable[..., torch.Tensor]:
     return torch.compile(naive_lora_linear, dynamic=True)
 
 
+@functools.cache
+def _compiled_naive_dora_linear() -> Callable[..., torch.Tensor]:
+    _configure_compiler()
+    return torch.compile(naive_dora_linear, dynamic=True)
+
+
 class CompiledNaiveLoRALinear(NaiveLoRALinear):
     """torch-naive through ``torch.compile``, compiled as a function of its tensors
     (the same graph as compiling the module) so that one compilation per
@@ -272,11 +387,28 @@ class CompiledNaiveLoRALinear(NaiveLoRALinear):
         )
 
 
+class CompiledNaiveDoRALinear(NaiveDoRALinear):
+    """torch-naive's DoRA through ``torch.compile``, as CompiledNaiveLoRALinear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _compiled_naive_dora_linear()(
+            x,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.lora_magnitude_vector,
+            self.scaling,
+            self.lora_dropout.p,
+            self.training,
+        )
+
+
 def _build_compiled_naive(t: LoRATensors, setting: Setting) -> Built:
     if t.nf4 is not None:
         raise NotApplicable("compiles the dense layer only")
-    module = CompiledNaiveLoRALinear(t, setting.dropout_p)
-    return Built(module, module.lora_A.weight, module.lora_B.weight)
+    compiled = CompiledNaiveLoRALinear if t.magnitude is None else CompiledNaiveDoRALinear
+    return _built_naive(compiled(t, setting.dropout_p))
 
 
 def _build_merged(t: LoRATensors, setting: Setting) -> Built:
@@ -284,12 +416,17 @@ def _build_merged(t: LoRATensors, setting: Setting) -> Built:
         raise NotApplicable("merging into an NF4 base quantizes the sum again: another layer")
     compute = torch.float64 if t.weight.dtype == torch.float64 else torch.float32
     delta = (t.lora_B.to(compute) @ t.lora_A.to(compute)) * t.scaling
-    merged = (t.weight.to(compute) + delta).to(t.weight.dtype)
-    return Built(_frozen_base(t, merged))
+    merged = t.weight.to(compute) + delta
+    if t.magnitude is not None:  # DoRA, merged as peft merges it: g ⊙ (W0 + s·B·A)
+        merged *= (t.magnitude.to(compute) / merged.norm(dim=1)).unsqueeze(1)
+    return Built(_frozen_base(t, merged.to(t.weight.dtype)))
 
 
 def _build_lora_kernels(backend: str) -> Callable[[LoRATensors, Setting], Built]:
     def build(t: LoRATensors, setting: Setting) -> Built:
+        dora = t.magnitude is not None
+        if dora and get_backend(backend).dora is None:
+            raise NotApplicable(NO_DORA_KERNELS)
         r = t.lora_A.shape[0]
         base = _frozen_base(t) if t.nf4 is None else lora_kernels.NF4Linear(t.nf4, t.bias)
         module = lora_kernels.LoRALinear.from_linear(
@@ -300,10 +437,15 @@ def _build_lora_kernels(backend: str) -> Callable[[LoRATensors, Setting], Built]
             init_lora_weights=False,
             backend=backend,
             adapter_dtype=t.lora_A.dtype,
+            use_dora=dora,
         )
         module.lora_A.weight = nn.Parameter(t.lora_A)
         module.lora_B.weight = nn.Parameter(t.lora_B)
-        return Built(module, module.lora_A.weight, module.lora_B.weight)
+        if dora:
+            module.lora_magnitude_vector = nn.Parameter(t.magnitude)
+        return Built(
+            module, module.lora_A.weight, module.lora_B.weight, module.lora_magnitude_vector
+        )
 
     return build
 
@@ -340,7 +482,7 @@ def _lora_kernels_provider(backend: str, device: torch.device) -> Provider:
 
     return Provider(
         name=f"{LORA_KERNELS_PREFIX}{backend}",
-        summary=f"lora_kernels.LoRALinear, backend={backend!r}",
+        summary=f"lora_kernels.LoRALinear, backend={backend!r} (DoRA: use_dora=True)",
         build=_build_lora_kernels(backend),
         unsupported=unsupported,
         lora_kernels_backend=backend,
@@ -359,8 +501,18 @@ def all_providers(device: torch.device | str) -> list[Provider]:
             adds_lora=False,
             lora_flops=False,
         ),
-        Provider("torch-naive", "base + lora_B(lora_A(dropout(x))) * s", _build_naive, _always),
-        Provider("peft", "peft.tuners.lora.Linear", _build_peft, _peft_missing),
+        Provider(
+            "torch-naive",
+            "base + lora_B(lora_A(dropout(x))) * s; DoRA: peft's DoraLinearLayer formula",
+            _build_naive,
+            _always,
+        ),
+        Provider(
+            "peft",
+            "peft.tuners.lora.Linear (DoRA: LoraConfig(use_dora=True))",
+            _build_peft,
+            _peft_missing,
+        ),
         Provider(
             "peft-default",
             "peft.tuners.lora.Linear with fp32 adapters (its default for fp16/bf16 layers)",
@@ -377,7 +529,11 @@ def all_providers(device: torch.device | str) -> list[Provider]:
             _always,
         ),
         Provider(
-            "merged", "nn.Linear with W0 + s·B·A", _build_merged, _inference_only, lora_flops=False
+            "merged",
+            "nn.Linear with W0 + s·B·A (DoRA: g ⊙ (W0 + s·B·A))",
+            _build_merged,
+            _inference_only,
+            lora_flops=False,
         ),
     ]
     providers += [

@@ -45,6 +45,7 @@ class Row:
     provider: str
     status: str
     quant: str = "none"  # the base weight: dense, or "nf4" (QLoRA)
+    variant: str = "lora"  # the layer: "lora", or "dora" (peft's use_dora=True)
     median_ms: float | None = None
     p20_ms: float | None = None
     p80_ms: float | None = None
@@ -59,13 +60,16 @@ class Row:
 
     @property
     def precision(self) -> str:
-        """The layer's dtype, the adapters' when they differ and the base's quantization
-        (e.g. "bf16, fp32 adapters", "bf16, nf4 base")."""
+        """The layer's dtype, the adapters' when they differ, the base's quantization and
+        the variant when it is not LoRA (e.g. "bf16, fp32 adapters", "bf16, nf4 base",
+        "fp32, DoRA")."""
         parts = [self.dtype]
         if self.adapter_dtype != self.dtype:
             parts.append(f"{self.adapter_dtype} adapters")
         if self.quant != "none":
             parts.append(f"{self.quant} base")
+        if self.variant != "lora":
+            parts.append("DoRA" if self.variant == "dora" else self.variant)
         return ", ".join(parts)
 
     @property
@@ -79,6 +83,7 @@ class Row:
             self.dtype,
             self.adapter_dtype,
             self.quant,
+            self.variant,
             self.bias,
             self.dropout,
             self.mode,

@@ -6,6 +6,8 @@
         --dtypes bf16 --providers base peft lora_kernels --modes forward+backward --dropout 0.1
     python -m benchmarks.run --preset qlora          # NF4 bases (QLoRA) beside dense ones
     python -m benchmarks.run --quant nf4             # any grid on NF4 bases
+    python -m benchmarks.run --preset dora           # DoRA, beside the fused LoRA step
+    python -m benchmarks.run --variant dora          # any grid in DoRA
 
 For every problem (shape, tokens, rank, dtype) and setting (training at each
 dropout, inference), each provider is built on the same tensors, checked
@@ -39,12 +41,14 @@ from .cases import (
     MODES,
     PRESETS,
     QUANTS,
+    VARIANTS,
     Grid,
     LoRATensors,
     Problem,
     Setting,
     dtype_name,
     make_tensors,
+    preset_grid,
 )
 from .flops import lora_flops
 from .memory import cuda_peak_bytes, saved_tensor_bytes
@@ -68,8 +72,27 @@ from .validation import Reference, validate
 T = TypeVar("T")
 
 
+def _optimizer_step(built: Built) -> Callable[[], None]:
+    """What an optimizer step does to the adapters, as far as a DoRA layer can tell:
+    A and B change (their versions move on), so a norm ‖W0 + s·B·A‖ kept from the
+    previous step is stale and the next step computes it again. No value changes."""
+    adapters = [p for p in (built.lora_A, built.lora_B) if p is not None]
+
+    def step() -> None:
+        for p in adapters:
+            torch.autograd.graph.increment_version(p)
+
+    return step
+
+
 def make_task(built: Built, mode: str, t: LoRATensors) -> Task:
-    """The timed call of ``mode``: training modes take gradients for x, A and B."""
+    """The timed call of ``mode``: training modes take gradients for x, A and B (DoRA: and m).
+
+    DoRA's training calls are each preceded, untimed, by ``_optimizer_step``: training
+    changes A and B every step, so no step may reuse the previous step's norm. Every
+    provider of a DoRA problem, the base included, is then timed the same way (on CUDA,
+    the prepared-call loop of ``timing.time_cuda``).
+    """
     module = built.module
     if mode == INFERENCE:
 
@@ -80,12 +103,19 @@ def make_task(built: Built, mode: str, t: LoRATensors) -> Task:
         return Task(infer)
     x = t.x.detach().requires_grad_(True)
     grads = (x, *built.trainable())
-    if mode == FORWARD:
-        return Task(lambda _: module(x), grads=grads)
+    step = _optimizer_step(built) if t.magnitude is not None else None
     if mode == BACKWARD:
-        return Task(lambda y: y.backward(t.grad_y), prepare=lambda: module(x), grads=grads)
+
+        def forward():
+            if step is not None:
+                step()
+            return module(x)
+
+        return Task(lambda y: y.backward(t.grad_y), prepare=forward, grads=grads)
+    if mode == FORWARD:
+        return Task(lambda _: module(x), prepare=step, grads=grads)
     if mode == FORWARD_BACKWARD:
-        return Task(lambda _: module(x).backward(t.grad_y), grads=grads)
+        return Task(lambda _: module(x).backward(t.grad_y), prepare=step, grads=grads)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -112,10 +142,22 @@ class Runner:
         self.cpu_budget = cpu_budget or CpuTimingBudget()
         self.cuda_budget = cuda_budget or CudaTimingBudget()
         self.providers = select_providers(grid.providers, device)
+        # Variants whose problems run other providers (Grid.variant_providers).
+        self.variant_providers = {
+            variant: select_providers(names, device)
+            for variant, names in grid.variant_providers
+            if variant in grid.variants
+        }
+
+    def providers_of(self, problem: Problem) -> list[Provider]:
+        return self.variant_providers.get(problem.variant, self.providers)
 
     def total_rows(self) -> int:
         per_problem = sum(len(self.grid.modes_of(s)) for s in self.grid.settings())
-        return len(self.grid.problems(self.device.type)) * per_problem * len(self.providers)
+        return sum(
+            per_problem * len(self.providers_of(problem))
+            for problem in self.grid.problems(self.device.type)
+        )
 
     def run(self, progress: bool = True) -> list[Row]:
         rows: list[Row] = []
@@ -161,6 +203,7 @@ class Runner:
                 dtype=dtype_name(problem.dtype),
                 adapter_dtype=dtype_name(problem.lora_dtype),
                 quant=problem.quant,
+                variant=problem.variant,
                 bias=problem.bias,
                 dropout=setting.dropout_p,
                 mode=mode,
@@ -173,7 +216,8 @@ class Runner:
         results: dict[tuple[str, str], Row] = {}
         live: dict[str, tuple[Provider, Built]] = {}
         saved: dict[str, int] = {}
-        for provider in self.providers:
+        providers = self.providers_of(problem)
+        for provider in providers:
             reason = provider.unsupported(setting)
             status, note = (SKIPPED, reason) if reason else (OK, "")
             if reason is None:
@@ -227,7 +271,7 @@ class Runner:
                     peak_bytes=peaks.get(name),
                 )
             bar.update(len(live))
-        return [results[mode, p.name] for mode in modes for p in self.providers]
+        return [results[mode, p.name] for mode in modes for p in providers]
 
     def _cuda_peaks(self, tasks: dict[str, Task]) -> dict[str, int]:
         peaks = {}
@@ -289,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="base weights: none (dense) and/or nf4 (QLoRA: bitsandbytes' NF4 layout)",
     )
     parser.add_argument(
+        "--variant",
+        nargs="+",
+        metavar="VARIANT",
+        help="the layer: lora and/or dora (DoRA, peft's use_dora=True); default: the preset's, "
+        "lora but for the dora presets",
+    )
+    parser.add_argument(
         "--providers",
         nargs="+",
         metavar="NAME",
@@ -335,7 +386,7 @@ def _converted(flag: str, values: Sequence[str], convert: Callable[[str], T]) ->
 
 def grid_from_args(args: argparse.Namespace, device: torch.device) -> tuple[str, Grid]:
     preset = args.preset or ("full" if device.type == "cuda" else "quick")
-    grid = PRESETS[preset]
+    grid = preset_grid(preset, device.type)
     overrides = {}
     if args.shapes:
         overrides["shapes"] = _converted("--shapes", args.shapes, _shape)
@@ -351,8 +402,11 @@ def grid_from_args(args: argparse.Namespace, device: torch.device) -> tuple[str,
         )
     if args.quant:
         overrides["quants"] = _choices("--quant", args.quant, QUANTS)
-    if args.providers:
+    if args.variant:
+        overrides["variants"] = _choices("--variant", args.variant, VARIANTS)
+    if args.providers:  # for every variant
         overrides["providers"] = tuple(_cli.split_values(args.providers))
+        overrides["variant_providers"] = ()
     if args.modes:
         overrides["modes"] = _choices("--modes", args.modes, MODES)
     if args.dropout:
@@ -383,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = run_metadata(device, preset, argv)
     print(f"lora_kernels benchmark: {describe(meta)}")
     print("providers: " + ", ".join(p.name for p in runner.providers))
+    for variant, providers in runner.variant_providers.items():
+        print(f"providers ({variant}): " + ", ".join(p.name for p in providers))
     start = time.perf_counter()
     rows = runner.run(progress=not args.no_progress)
     wall_s = time.perf_counter() - start

@@ -41,6 +41,22 @@ CPU_STEP = {
 }
 CPU_STEP_OVER_PEFT = 1.3
 CPU_STEP_OVER_BASE = 1.10
+# DoRA (``--preset dora``, ``--preset cpu-dora-targets``): a training step against
+# peft's DoRA layer (LoraConfig(use_dora=True)) in the same group.
+DORA_GPU_STEP = {
+    "in_features": 4096,
+    "out_features": 4096,
+    "tokens": 8192,
+    "rank": 16,
+    "dropout": 0.0,
+    "dtype": "bf16",
+}
+DORA_GPU_OVER_PEFT = 1.5
+DORA_GPU_OVER_LORA = 1.10  # our DoRA step ÷ the same backend's LoRA step
+DORA_CPU_STEP = {k: v for k, v in CPU_STEP.items() if k != "dropout"}
+DORA_CPU_OVER_PEFT = {0.0: 1.2, 0.1: 1.6}  # per dropout
+DORA_CPU_OVER_BASE = 1.12  # at dropout 0
+DORA_CPU_SAVED_OVER_PEFT = 0.5  # saved bytes beyond x ÷ peft's DoRA layer's: below
 
 
 @dataclass
@@ -72,6 +88,24 @@ def _dense_twin(row: Row) -> tuple:
     return dataclasses.replace(row, quant="none").group
 
 
+def _lora_twin(row: Row) -> tuple:
+    """The group of the same problem as a LoRA layer."""
+    return dataclasses.replace(row, variant="lora").group
+
+
+def _is_lora(row: Row) -> bool:
+    return row.variant == "lora"
+
+
+def _saved(rows: Sequence[Row]) -> dict[tuple, int]:
+    """(group, provider) → saved bytes of every training row that ran."""
+    return {
+        (r.group, r.provider): r.saved_bytes
+        for r in rows
+        if r.status == OK and r.saved_bytes is not None
+    }
+
+
 def _ratio_check(backend: str, label: str, value: float | None, limit: float, at_least: bool):
     met = value is not None and (value >= limit if at_least else value <= limit)
     return Check(backend, label, value, met)
@@ -86,7 +120,9 @@ def qlora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
     """The QLoRA targets of one fused backend (see benchmarks/README.md, "Targets")."""
     backend = provider.removeprefix(LORA_KERNELS_PREFIX)
     medians, peaks = _medians(rows), _peaks(rows)
-    groups = {r.group: r for r in rows if r.quant == "nf4" and r.adapter_dtype == r.dtype}
+    groups = {
+        r.group: r for r in rows if r.quant == "nf4" and r.adapter_dtype == r.dtype and _is_lora(r)
+    }
     checks = []
     for group, row in groups.items():
         ours = medians.get((group, provider))
@@ -143,16 +179,12 @@ def saved_bytes_budget(row: Row) -> int:
 def cpu_checks(rows: Sequence[Row], provider: str) -> list[Check]:
     """The CPU targets of the cpu backend (see benchmarks/README.md, "Targets")."""
     backend = provider.removeprefix(LORA_KERNELS_PREFIX)
-    medians = _medians(rows)
-    saved = {
-        (r.group, r.provider): r.saved_bytes
-        for r in rows
-        if r.status == OK and r.saved_bytes is not None
-    }
+    medians, saved = _medians(rows), _saved(rows)
     checks = []
     for group, row in {r.group: r for r in rows}.items():
         if not (
             row.mode == FORWARD_BACKWARD
+            and _is_lora(row)
             and row.quant == "none"
             and row.adapter_dtype == row.dtype
             and all(getattr(row, k) == v for k, v in CPU_STEP.items())
@@ -190,6 +222,95 @@ def cpu_checks(rows: Sequence[Row], provider: str) -> list[Check]:
     return checks
 
 
+def _dora_step_rows(rows: Sequence[Row], problem: dict) -> dict[tuple, Row]:
+    """The DoRA training-step groups on a dense base, adapters in the layer's dtype,
+    whose fields match ``problem``."""
+    return {
+        r.group: r
+        for r in rows
+        if r.variant == "dora"
+        and r.mode == FORWARD_BACKWARD
+        and r.quant == "none"
+        and r.adapter_dtype == r.dtype
+        and all(getattr(r, k) == v for k, v in problem.items())
+    }
+
+
+def dora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
+    """The GPU DoRA targets of one fused backend (see benchmarks/README.md, "Targets")."""
+    backend = provider.removeprefix(LORA_KERNELS_PREFIX)
+    medians = _medians(rows)
+    checks = []
+    for group, row in _dora_step_rows(rows, DORA_GPU_STEP).items():
+        shape = (
+            f"{row.in_features}→{row.out_features} M={row.tokens} r={row.rank} "
+            f"{row.dtype} p={row.dropout:g}"
+        )
+        ours = medians.get((group, provider))
+        checks += [
+            _ratio_check(
+                backend,
+                f"DoRA step × peft DoRA ≥ {DORA_GPU_OVER_PEFT:g}: {shape}",
+                _ratio(medians.get((group, "peft")), ours),
+                DORA_GPU_OVER_PEFT,
+                at_least=True,
+            ),
+            _ratio_check(
+                backend,
+                f"DoRA step ÷ our LoRA step ≤ {DORA_GPU_OVER_LORA:.2f}: {shape}",
+                _ratio(ours, medians.get((_lora_twin(row), provider))),
+                DORA_GPU_OVER_LORA,
+                at_least=False,
+            ),
+        ]
+    return checks
+
+
+def cpu_dora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
+    """The CPU DoRA targets of the cpu backend (see benchmarks/README.md, "Targets")."""
+    backend = provider.removeprefix(LORA_KERNELS_PREFIX)
+    medians, saved = _medians(rows), _saved(rows)
+    checks = []
+    for group, row in _dora_step_rows(rows, DORA_CPU_STEP).items():
+        shape = f"{row.in_features}→{row.out_features} M={row.tokens} r={row.rank} {row.dtype}"
+        label = f"{shape} p={row.dropout:g}"
+        ours = medians.get((group, provider))
+        minimum = DORA_CPU_OVER_PEFT.get(row.dropout)
+        if minimum is not None:
+            checks.append(
+                _ratio_check(
+                    backend,
+                    f"CPU DoRA step × peft DoRA ≥ {minimum:g}: {label}",
+                    _ratio(medians.get((group, "peft")), ours),
+                    minimum,
+                    at_least=True,
+                )
+            )
+        if row.dropout == 0.0:
+            checks.append(
+                _ratio_check(
+                    backend,
+                    f"CPU DoRA step ÷ base ≤ {DORA_CPU_OVER_BASE:.2f}: {label}",
+                    _ratio(ours, medians.get((group, "base"))),
+                    DORA_CPU_OVER_BASE,
+                    at_least=False,
+                )
+            )
+        # Saved bytes are whole numbers, 0 included: compared as measured, not through _ratio.
+        ours_saved, peft_saved = saved.get((group, provider)), saved.get((group, "peft"))
+        fraction = None if ours_saved is None or not peft_saved else ours_saved / peft_saved
+        limit = DORA_CPU_SAVED_OVER_PEFT
+        checks.append(
+            Check(
+                backend,
+                f"CPU DoRA saved bytes ÷ peft DoRA's < {limit:g}: {label}",
+                fraction,
+                fraction is not None and fraction < limit,
+            )
+        )
+    return checks
+
+
 def check(rows: Sequence[Row]) -> list[Check]:
     """Every target that applies to the rows' problems, per fused backend."""
     medians = _medians(rows)
@@ -205,6 +326,8 @@ def check(rows: Sequence[Row]) -> list[Check]:
             if row.dtype not in ("bf16", "fp16") or row.mode not in (FORWARD, FORWARD_BACKWARD):
                 continue
             if row.quant != "none":  # QLoRA's targets are its own (qlora_checks)
+                continue
+            if not _is_lora(row):  # DoRA's too (dora_checks)
                 continue
             if row.tokens < SMALL_BATCH:
                 continue
@@ -226,6 +349,7 @@ def check(rows: Sequence[Row]) -> list[Check]:
             and row.dtype in ("bf16", "fp16")
             and row.adapter_dtype == row.dtype
             and row.quant == "none"
+            and _is_lora(row)
             and all(getattr(row, k) == v for k, v in ANCHOR.items())
         ]
         for peer, minimum in ANCHOR_SPEEDUPS:
@@ -237,8 +361,10 @@ def check(rows: Sequence[Row]) -> list[Check]:
                     Check(backend, label, speedup, speedup is not None and speedup >= minimum)
                 )
         checks += qlora_checks(rows, provider)
+        checks += dora_checks(rows, provider)
         if backend == "cpu":
             checks += cpu_checks(rows, provider)
+            checks += cpu_dora_checks(rows, provider)
     return checks
 
 
@@ -251,7 +377,7 @@ def format_checks(checks: Sequence[Check]) -> str:
             f"{backend}: {sum(c.met for c in mine)} of {len(mine)} targets met "
             f"({len(mine) - len(measured)} not measured)"
         )
-    return "\n".join(lines) if lines else "no fp16/bf16 rows of a fused backend in this run"
+    return "\n".join(lines) if lines else "no row of this run has a target"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on a CUDA machine (no network needed): build, GPU
 # tests, first-call latency, per-kernel profile, the targets benchmark, the
-# QLoRA benchmark, and the targets table last. Sized to finish within 9
+# QLoRA benchmark, the DoRA benchmark, and the targets table last (the DoRA
+# targets repeated at its end). Sized to finish within 9
 # minutes on an H100/H200.
 #
 #   OUT=/path/to/results bash scripts/gpu_check.sh
@@ -142,6 +143,12 @@ step "benchmark qlora" 150 "$OUT/benchmark.log" \
   --no-progress --rep-ms 30 || true
 step "per-kernel profile, QLoRA" 60 "$OUT/profile.log" \
   "$PYTHON" -m benchmarks.profile_kernels --quant nf4 --out "$OUT/profile_qlora" || true
+# DoRA: one problem (M = 8192, 4096→4096, r = 16, bf16, dropout 0 and 0.1), a
+# training step of base, torch-naive, peft's DoRA layer and the fused backends,
+# with the fused backends' LoRA step beside it.
+step "benchmark dora" 90 "$OUT/benchmark.log" \
+  "$PYTHON" -m benchmarks.run --preset dora --device cuda --results-dir "$OUT/bench" \
+  --no-progress --rep-ms 30 || true
 bench 2048
 bench 512
 # The opt-in persistent TMA forward GEMM, profiled against the default
@@ -156,5 +163,6 @@ fi
 echo "total: $(($(date +%s) - START_S)) s, failed=$FAILED" >>"$SUMMARY"
 cat "$SUMMARY"
 tail -n 40 "$OUT/first_call.log" 2>/dev/null | grep -E "first call|backend|yes|no" | tail -n 6
-[[ -f "$OUT/targets.txt" ]] && tail -n 60 "$OUT/targets.txt"
+[[ -f "$OUT/targets.txt" ]] && tail -n 60 "$OUT/targets.txt" &&
+  echo "DoRA targets:" && { grep "DoRA" "$OUT/targets.txt" || echo "  no DoRA rows in the run"; }
 exit "$FAILED"

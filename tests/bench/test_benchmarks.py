@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 
 import pytest
 import torch
@@ -126,6 +127,32 @@ def test_saved_bytes_by_hand():
     assert saved_tensor_bytes(forward, alive=[x, w]) == 2 * M * N * 4
     # Without declaring x and w alive their storages count too.
     assert saved_tensor_bytes(forward) == 2 * M * N * 4 + (M * K + N * K) * 4
+
+
+def test_saved_bytes_count_only_what_the_graph_keeps():
+    x = torch.randn(8, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+
+    def forward():
+        # A graph built and dropped within the forward (as peft's lora_B(lora_A(eye)),
+        # kept only detached): what it saved is freed before backward.
+        transient = torch.sigmoid(torch.eye(6) @ w.t())
+        return torch.sigmoid(x @ w.t()) * transient.detach().sum()
+
+    # The sigmoid's output (8×5) and the product's factor are all the graph keeps.
+    assert saved_tensor_bytes(forward, alive=[x, w]) == 8 * 5 * 4 + 4
+
+    # Counting leaves nothing behind: a tensor saved by the node that made it (a
+    # sigmoid's output) would otherwise keep its graph alive through the hooks.
+    outputs = []
+
+    def saves_its_output():
+        y = torch.sigmoid(x @ w.t())
+        outputs.append(weakref.ref(y))
+        return y * 2
+
+    assert saved_tensor_bytes(saves_its_output, alive=[x, w]) == 8 * 5 * 4
+    assert outputs[0]() is None
 
 
 def test_saved_bytes_of_lora_kernels_is_S_and_seed():
