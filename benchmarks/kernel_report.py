@@ -5,12 +5,16 @@
     python -m benchmarks.kernel_report --capability 80 --sms 108 --sass-dir sass/
     python -m benchmarks.kernel_report --quant nf4   # QLoRA: W0 in NF4
     python -m benchmarks.kernel_report --persistent  # persistent TMA forward GEMM
+    python -m benchmarks.kernel_report --variant dora  # DoRA (magnitude) op pair
 
 Runs the backend's launchers for one training step (shrink, forward GEMM, dy
 pass, dB pass, dA, dx GEMM) on fake CUDA tensors -- with ``--quant nf4``, the
 base weight in NF4 (double-quantized, as QLoRA's), decoded in the two GEMMs;
 with ``--persistent``, ``LORA_KERNELS_PERSISTENT_GEMM=1`` (the forward GEMM
-then persistent and TMA-fed where it applies) --
+then persistent and TMA-fed where it applies); with ``--variant dora``, the
+DoRA op pair's kernels instead (``dora_ops``: the dropped input at p > 0,
+shrink, the DoRA forward GEMM; the shrink again, the DoRA dy pass, dB, dA,
+the DoRA dx GEMM) --
 with the device queries answered for the GPU described by the flags, and
 records each launch instead of running it: grid, block sizes, warps, stages
 and precisions exactly as the launcher chooses them. Each launch is then
@@ -189,12 +193,18 @@ def record_training_step(
     quant: str = "none",
     blocksize: int = 64,
     persistent: bool = False,
+    variant: str = "lora",
 ) -> list[tuple[str, Launch]]:
     """(name, launch) of every kernel of one forward + backward, as the launchers
     choose them; ``quant="nf4"``: W0 in NF4 of ``blocksize``, the GEMMs named
     "forward GEMM (NF4)" and "dx GEMM (NF4)"; ``persistent``: with
     ``LORA_KERNELS_PERSISTENT_GEMM=1``, the persistent kernel, where it
-    applies, named "forward GEMM (persistent)"."""
+    applies, named "forward GEMM (persistent)"; ``variant="dora"``: the DoRA
+    op pair's (``record_dora_step``)."""
+    if variant == "dora":
+        return record_dora_step(M, K, N, r, dtype, adapter_dtype, dropout_p, quant, blocksize)
+    if variant != "lora":
+        raise ValueError(f"variant must be 'lora' or 'dora', got {variant!r}")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lora_kernels.backends.triton import (
@@ -260,6 +270,83 @@ def record_training_step(
                 )
                 names.append(name + " (persistent)" if persistent_gemm else name)
     return list(zip(names, recorder.launches, strict=True))
+
+
+def _dora_step_names() -> dict:
+    """The report's name of each kernel of the DoRA op pair; a list where a
+    kernel runs more than once in a step (the shrink: S in forward, again for dB)."""
+    from lora_kernels.backends.triton import (
+        dora_dy_pass,
+        dora_forward_gemm,
+        dora_grad_x,
+        dy_pass,
+        grad_a,
+        shrink,
+    )
+
+    return {
+        dora_forward_gemm._drop_input_kernel: ["dropout (D⊙x)"],
+        shrink._shrink_kernel: ["shrink", "shrink (S for dB)"],
+        dora_forward_gemm._dora_forward_kernel: ["DoRA forward GEMM"],
+        dora_dy_pass._dora_dy_pass_kernel: ["DoRA dy pass (dS, dg, db)"],
+        dy_pass._grad_b_kernel: ["dB pass"],
+        grad_a._grad_a_kernel: ["dA pass"],
+        dora_grad_x._dora_grad_x_kernel: ["DoRA dx GEMM"],
+    }
+
+
+def record_dora_step(
+    M: int,
+    K: int,
+    N: int,
+    r: int,
+    dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    dropout_p: float,
+    quant: str = "none",
+    blocksize: int = 64,
+) -> list[tuple[str, Launch]]:
+    """(name, launch) of every kernel of one DoRA forward + backward (every
+    gradient asked for: dx, db, dA, dB, dg), as the op pair's bodies
+    (``dora_ops.dora_forward``/``dora_backward``) launch them; the GEMMs named
+    with " (NF4)" for ``quant="nf4"``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lora_kernels.backends.triton import dora_ops
+
+    if quant not in ("none", "nf4"):
+        raise ValueError(f"quant must be 'none' or 'nf4', got {quant!r}")
+    recorder = _Recorder()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(_launch, "kernel_wrapper", recorder))
+        # No device to make current: the launches are recorded, not run.
+        stack.enter_context(
+            mock.patch.object(dora_ops, "launch_device", lambda x: contextlib.nullcontext())
+        )
+        stack.enter_context(FakeTensorMode())
+        cuda = {"device": "cuda"}
+        x = torch.empty(M, K, dtype=dtype, **cuda)
+        if quant == "nf4":
+            weight = _fake_nf4_weight(N, K, dtype, blocksize)
+        else:
+            weight = torch.empty(N, K, dtype=dtype, **cuda)
+        lora_A = torch.empty(r, K, dtype=adapter_dtype, **cuda)
+        lora_B = torch.empty(N, r, dtype=adapter_dtype, **cuda)
+        g = torch.empty(N, dtype=torch.float32, **cuda)
+        grad_y = torch.empty(M, N, dtype=dtype, **cuda)
+        seed = torch.empty(1, dtype=torch.int64, **cuda) if dropout_p > 0 else None
+        _, Z = dora_ops.dora_forward(x, weight, None, lora_A, lora_B, g, 2.0, dropout_p, seed)
+        dora_ops.dora_backward(
+            grad_y, x, weight, lora_A, lora_B, g, Z, 2.0, dropout_p, seed, [True] * 5
+        )
+    names = {kernel: list(reversed(n)) for kernel, n in _dora_step_names().items()}
+    gemm = " (NF4)" if quant == "nf4" else ""
+    named = []
+    for launch in recorder.launches:
+        kernel = launch.kernel
+        name = names[kernel].pop() if len(names[kernel]) > 1 else names[kernel][0]
+        named.append((name + gemm if "GEMM" in name else name, launch))
+    return named
 
 
 def _specialise(fn, launch: Launch) -> tuple[dict, dict, dict]:
@@ -380,17 +467,18 @@ def report(
     quant: str = "none",
     blocksize: int = 64,
     persistent: bool = False,
+    variant: str = "lora",
 ) -> list[KernelReport]:
     """Compile every kernel of one training step as launched at this shape on
     ``gpu``, W0 dense or (``quant="nf4"``) in NF4 of ``blocksize``, the
-    persistent forward GEMM where it applies if ``persistent``."""
+    persistent forward GEMM where it applies if ``persistent``; of the DoRA
+    op pair for ``variant="dora"``."""
     gpu = gpu or Gpu()
     if _gemm_autotuning():
         raise RuntimeError("unset LORA_KERNELS_AUTOTUNE: the report shows the heuristic's tiles")
     with pretend_gpu(gpu):
-        launches = record_training_step(
-            M, K, N, r, dtype, adapter_dtype or dtype, dropout_p, quant, blocksize, persistent
-        )
+        shape = (M, K, N, r, dtype, adapter_dtype or dtype, dropout_p)
+        launches = record_training_step(*shape, quant, blocksize, persistent, variant)
     return [compile_launch(name, launch, gpu) for name, launch in launches]
 
 
@@ -473,12 +561,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="LORA_KERNELS_PERSISTENT_GEMM=1: the persistent TMA forward GEMM where it applies",
     )
+    parser.add_argument(
+        "--variant",
+        choices=["lora", "dora"],
+        default="lora",
+        help="the op pair: LoRA (default) or DoRA (with a magnitude; not with --persistent)",
+    )
     parser.add_argument("--capability", type=int, default=90, help="e.g. 90 (H100/H200), 80 (A100)")
     parser.add_argument("--sms", type=int, default=132, help="SM count (H200/H100 SXM: 132)")
     parser.add_argument("--shared-memory", type=int, default=227 * 1024, help="bytes per block")
     parser.add_argument("--sass-dir", type=Path, help="also write each kernel's SASS here")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead")
     args = parser.parse_args(argv)
+    if args.variant == "dora" and args.persistent:
+        parser.error("--persistent is the LoRA forward's kernel; the DoRA pair has none")
     dtype = _DTYPES[args.dtype]
     adapter_dtype = dtype if args.adapter_dtype == "same" else _DTYPES[args.adapter_dtype]
     gpu = Gpu(divmod(args.capability, 10), args.sms, args.shared_memory)
@@ -494,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         args.quant,
         args.nf4_blocksize,
         args.persistent,
+        args.variant,
     )
     if args.json:
         print(json.dumps([rep.summary() for rep in reports]))
@@ -504,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         f"dropout {args.dropout:g}"
         + (f", W0 in NF4 (blocksize {args.nf4_blocksize})" if args.quant == "nf4" else "")
         + (", LORA_KERNELS_PERSISTENT_GEMM=1" if args.persistent else "")
+        + (", DoRA" if args.variant == "dora" else "")
     )
     print(format_table(reports))
     if args.sass_dir:

@@ -197,6 +197,23 @@ HOPPER_REPORT = ["--capability", "90", "--sms", "132", "--shared-memory", str(22
 AMPERE_REPORT = ["--capability", "80", "--sms", "108", "--shared-memory", str(163 * 1024)]
 
 
+def report_step_names(variant: str, flags, gemm: str = "") -> list[str]:
+    """The kernels ``kernel_report --variant <variant>`` lists for ``flags``, in
+    order (``gemm``: the GEMMs' suffix, " (NF4)" with ``--quant nf4``)."""
+    if variant == "lora":
+        return ["shrink", f"forward GEMM{gemm}", "dy pass (dS)", "dB pass", "dA pass",
+                f"dx GEMM{gemm}"]  # fmt: skip
+    flags = list(flags)
+    dropout = "--dropout" not in flags or float(flags[flags.index("--dropout") + 1]) > 0
+    names = ["shrink", f"DoRA forward GEMM{gemm}", "shrink (S for dB)",
+             "DoRA dy pass (dS, dg, db)", "dA pass", f"DoRA dx GEMM{gemm}", "dB pass"]  # fmt: skip
+    return ["dropout (D⊙x)", *names] if dropout else names
+
+
+# Kernels without a product: no tensor-core instructions to look for.
+ELEMENTWISE_KERNELS = ("dropout (D⊙x)",)
+
+
 def needs_compile_report(device: str) -> pytest.MarkDecorator:
     """Skips a compile check where it has nothing to add (on a GPU every test
     compiles the kernels natively) or cannot run (a Triton without NVIDIA's

@@ -89,10 +89,9 @@ def nf4_lora_backward(grad_y, x, packed, absmax, offset, absmax2, code2, lora_A,
 register_nf4_op_pair()
 
 
-def _dense_weight(name: str, weight: NF4Weight, dtype: torch.dtype):
-    """The DoRA pair's dense W0 from ``name``'s dequantizer, for one op call."""
-    impl, matmul = _matmul_of(name)
-    return impl, (matmul.dequantize or NF4Weight.dequantize)(weight, dtype)
+def _dense_weight(matmul: NF4Matmul, weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense DoRA pair's W0 from the backend's dequantizer, for one op call."""
+    return (matmul.dequantize or NF4Weight.dequantize)(weight, dtype)
 
 
 @torch.library.custom_op(
@@ -101,7 +100,11 @@ def _dense_weight(name: str, weight: NF4Weight, dtype: torch.dtype):
 def nf4_dora_forward(x, packed, absmax, offset, absmax2, code2, bias, lora_A, lora_B, g,
                      scaling, dropout_p, seed, blocksize, out_features, backend):  # fmt: skip
     weight = nf4_weight_of(x, packed, absmax, offset, absmax2, code2, blocksize, out_features)
-    impl, dense = _dense_weight(backend, weight, x.dtype)
+    impl, matmul = _matmul_of(backend)
+    if matmul.dora_forward is not None:  # the backend's kernels decode W0's tiles
+        args = (x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
+        return matmul.dora_forward(impl, *args)
+    dense = _dense_weight(matmul, weight, x.dtype)
     return impl.dora.forward(x, dense, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
 
 
@@ -112,12 +115,17 @@ def nf4_dora_backward(grad_y, x, packed, absmax, offset, absmax2, code2, lora_A,
                       scaling, dropout_p, seed, blocksize, out_features, backend,
                       output_mask):  # fmt: skip
     weight = nf4_weight_of(x, packed, absmax, offset, absmax2, code2, blocksize, out_features)
-    if output_mask[0]:
-        impl, dense = _dense_weight(backend, weight, x.dtype)
+    impl, matmul = _matmul_of(backend)
+    mask = list(output_mask)
+    if matmul.dora_backward is not None:  # the backend's kernels decode W0's tiles
+        args = (grad_y, x, weight, lora_A, lora_B, g, Z, scaling, dropout_p, seed, mask)
+        return matmul.dora_backward(impl, *args)
+    if mask[0]:
+        dense = _dense_weight(matmul, weight, x.dtype)
     else:  # only dx reads W0: a stand-in of its shape, no memory
-        impl, dense = get_backend(backend), x.new_zeros(()).expand(weight.shape)
+        dense = x.new_zeros(()).expand(weight.shape)
     return impl.dora.backward(
-        grad_y, x, dense, lora_A, lora_B, g, Z, scaling, dropout_p, seed, list(output_mask)
+        grad_y, x, dense, lora_A, lora_B, g, Z, scaling, dropout_p, seed, mask
     )
 
 

@@ -39,6 +39,14 @@ class NF4Matmul:
     # W0 dense in a dtype for the ops that take it so (the DoRA pair): the
     # backend's dequantize kernel (None: NF4Weight.dequantize, tensor ops).
     dequantize: Callable | None = None
+    # The DoRA pair with the weight still quantized (QDoRA):
+    # ``dora_forward(backend, x, weight, bias, lora_A, lora_B, g, scaling,
+    # dropout_p, seed) -> (y, Z)`` and ``dora_backward(backend, grad_y, x,
+    # weight, lora_A, lora_B, g, Z, scaling, dropout_p, seed, output_mask[5])
+    # -> (grad_x, grad_bias, grad_A, grad_B, grad_g)``, as the dense DoRA pair.
+    # None: the backend's dense DoRA pair on W0 from ``dequantize``.
+    dora_forward: Callable | None = None
+    dora_backward: Callable | None = None
 
 
 @dataclass(frozen=True)

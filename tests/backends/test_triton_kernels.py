@@ -26,11 +26,13 @@ from lora_kernels.ops.seed import draw_seed
 
 from lora_testing import (
     AMPERE_REPORT,
+    ELEMENTWISE_KERNELS,
     HOPPER_REPORT,
     assert_matches_oracle,
     compile_report,
     make_problem,
     needs_compile_report,
+    report_step_names,
     run_lora,
 )
 from triton_testing import DEVICE, REASON, TRITON_MARKS, _gemm_configs, _launch, tl, triton
@@ -462,12 +464,15 @@ def test_import_without_triton():
 
 # What the kernels compile to, as launched at kernel_report's default shape
 # (M=8192, 4096→4096) on an H100/H200 and an A100, by Triton's real compiler without a
-# GPU (benchmarks.kernel_report): every kernel of a training
-# step free of register spills, on tensor cores for fp16/bf16 inputs (wgmma on
-# Hopper, mma.sync on Ampere), and loading its big operands 128 bits at a time.
+# GPU (benchmarks.kernel_report): every kernel of a training step -- of the
+# LoRA op pair and of the DoRA one (``--variant dora``) -- free of register
+# spills, on tensor cores for fp16/bf16 inputs (wgmma on Hopper, mma.sync on
+# Ampere; the dropped-input kernel has no product), and loading its big
+# operands 128 bits at a time.
 
 
 @needs_compile_report(DEVICE)
+@pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize(
     ("flags", "tensor_core_ops"),
     [
@@ -476,6 +481,7 @@ def test_import_without_triton():
         ([*HOPPER_REPORT, "--dtype", "fp16", "--dropout", "0", "--tokens", "512"], "wgmma"),
         ([*HOPPER_REPORT, "--dtype", "fp32"], None),  # full fp32 by torch's default: CUDA cores
         (AMPERE_REPORT, "mma"),
+        ([*AMPERE_REPORT, "--dropout", "0"], "mma"),
         ([*AMPERE_REPORT, "--dtype", "fp32", "--dropout", "0"], None),
     ],
     ids=[
@@ -484,16 +490,16 @@ def test_import_without_triton():
         "sm90-fp16-M512",
         "sm90-fp32",
         "sm80-bf16",
+        "sm80-bf16-p0",
         "sm80-fp32",
     ],
 )
-def test_kernels_compile_without_spills_on_tensor_cores(flags, tensor_core_ops):
-    kernels = compile_report(*flags)
-    names = ["shrink", "forward GEMM", "dy pass (dS)", "dB pass", "dA pass", "dx GEMM"]
-    assert [k["name"] for k in kernels] == names
+def test_kernels_compile_without_spills_on_tensor_cores(flags, tensor_core_ops, variant):
+    kernels = compile_report("--variant", variant, *flags)
+    assert [k["name"] for k in kernels] == report_step_names(variant, flags)
     for k in kernels:
         assert k["spill_bytes"] == 0 and k["local_memory_ops"] == 0, k
-        if tensor_core_ops:
+        if tensor_core_ops and k["name"] not in ELEMENTWISE_KERNELS:
             assert k[tensor_core_ops] > 0, k
         assert k["wide_global_loads"] >= k["global_loads"] // 2 > 0, k
 

@@ -24,7 +24,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lora_kernels.ops.seed import draw_seed
 from lora_kernels.quant.nf4 import NF4Weight, quantize_nf4
 
-from lora_testing import AMPERE_REPORT, HOPPER_REPORT, compile_report, needs_compile_report
+from lora_testing import (
+    AMPERE_REPORT,
+    ELEMENTWISE_KERNELS,
+    HOPPER_REPORT,
+    compile_report,
+    needs_compile_report,
+    report_step_names,
+)
 from triton_testing import DEVICE, REASON, TRITON_MARKS, _gemm_configs, _launch, tl, triton
 
 pytestmark = TRITON_MARKS
@@ -418,6 +425,7 @@ def test_indices_past_int32():
 
 
 @needs_compile_report(DEVICE)
+@pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize(
     ("flags", "tensor_core_ops", "shared_memory", "sms"),
     [
@@ -429,14 +437,15 @@ def test_indices_past_int32():
     ],
     ids=["sm90-bf16", "sm80-bf16", "sm90-fp32", "sm90-bf16-M16", "sm80-bf16-M1"],
 )
-def test_nf4_gemms_compile_without_spills(flags, tensor_core_ops, shared_memory, sms):
-    kernels = compile_report("--quant", "nf4", *flags)
-    names = ["shrink", "forward GEMM (NF4)", "dy pass (dS)", "dB pass", "dA pass", "dx GEMM (NF4)"]
-    assert [k["name"] for k in kernels] == names
+def test_nf4_gemms_compile_without_spills(flags, tensor_core_ops, shared_memory, sms, variant):
+    # variant "dora": the DoRA op pair's GEMMs decode W0 the same way.
+    kernels = compile_report("--variant", variant, "--quant", "nf4", *flags)
+    assert [k["name"] for k in kernels] == report_step_names(variant, flags, " (NF4)")
     for k in kernels:
         assert k["spill_bytes"] == 0 and k["local_memory_ops"] == 0, k
         assert k["shared_memory"] <= shared_memory, k
-        if tensor_core_ops and "--tokens" not in flags:  # the skinny kernels too
+        skinny_too = "--tokens" not in flags and k["name"] not in ELEMENTWISE_KERNELS
+        if tensor_core_ops and skinny_too:
             assert k[tensor_core_ops] > 0, k
     gemms = [k for k in kernels if "(NF4)" in k["name"]]
     for k in gemms:
@@ -451,15 +460,17 @@ def test_nf4_gemms_compile_without_spills(flags, tensor_core_ops, shared_memory,
 
 
 @needs_compile_report(DEVICE)
-def test_nf4_byte_path_fits_in_shared_memory():
+@pytest.mark.parametrize(("variant", "prefix"), [("lora", ""), ("dora", "DoRA ")])
+def test_nf4_byte_path_fits_in_shared_memory(variant, prefix):
     # K = 4090 (not a multiple of 8): W0 decoded element by element, on the
     # short unpipelined step. Pipelined at the bf16 step, dx asked for 272 KB
     # of shared memory on sm_90 and could not launch. dx still spills on this
     # path (benchmarks/NOTES.md): only the forward is held to none.
-    kernels = compile_report("--quant", "nf4", "--in-features", "4090", *HOPPER_REPORT)
+    flags = ("--variant", variant, "--quant", "nf4", "--in-features", "4090", *HOPPER_REPORT)
+    kernels = compile_report(*flags)
     gemms = {k["name"]: k for k in kernels if "(NF4)" in k["name"]}
-    assert set(gemms) == {"forward GEMM (NF4)", "dx GEMM (NF4)"}
+    assert set(gemms) == {f"{prefix}forward GEMM (NF4)", f"{prefix}dx GEMM (NF4)"}
     for k in gemms.values():
         assert k["constexprs"]["NF4_WORDS"] is False, k
         assert k["shared_memory"] <= 227 * 1024 and k["num_stages"] == 1, k
-    assert gemms["forward GEMM (NF4)"]["spill_bytes"] == 0
+    assert gemms[f"{prefix}forward GEMM (NF4)"]["spill_bytes"] == 0

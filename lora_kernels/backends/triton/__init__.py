@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from ...ops.autograd import register_op_pair
-from ...ops.registry import Backend
+from ...ops.autograd import register_dora_pair, register_op_pair
+from ...ops.registry import Backend, DoraOps
 
 try:
     import triton  # noqa: F401
@@ -24,9 +24,11 @@ else:
 
 if _TRITON_ERROR is None:
     from . import _launch
+    from .dora_ops import triton_dora_backward, triton_dora_forward
     from .ops import NF4_MATMUL, triton_lora_backward, triton_lora_forward
 
     register_op_pair(triton_lora_forward, triton_lora_backward, with_fake=False)
+    register_dora_pair(triton_dora_forward, triton_dora_backward, with_fake=False)
 
 _DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 # Compiled kernels serve CUDA tensors; under the interpreter (decided when the
@@ -70,4 +72,5 @@ BACKEND = Backend(
     _DTYPES,
     _DEVICE_TYPES,
     nf4=NF4_MATMUL if _TRITON_ERROR is None else None,
+    dora=DoraOps(triton_dora_forward, triton_dora_backward) if _TRITON_ERROR is None else None,
 )

@@ -42,25 +42,59 @@ def check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed
             raise ValueError(f"seed is on {seed.device} but x is on {x.device}")
 
 
+def _check_output_like(name, t, x, shape) -> None:
+    """``t`` an M×N tensor in x's dtype on x's device (grad_y, DoRA's Z)."""
+    if not isinstance(t, torch.Tensor) or t.shape != shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape (M, N) = {shape}, got {got}")
+    if t.dtype != x.dtype:
+        raise TypeError(
+            f"{name} must have x's dtype {dtype_name(x.dtype)}, got {dtype_name(t.dtype)}"
+        )
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
 def check_backward_args(
     grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, output_mask
 ) -> None:
     check_forward_args(x, weight, None, lora_A, lora_B, scaling, dropout_p, seed)
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
-    if not isinstance(grad_y, torch.Tensor) or grad_y.shape != (M, N):
-        got = tuple(grad_y.shape) if isinstance(grad_y, torch.Tensor) else type(grad_y).__name__
-        raise ValueError(f"grad_y must have shape (M, N) = ({M}, {N}), got {got}")
-    if grad_y.dtype != x.dtype:
-        raise TypeError(
-            f"grad_y must have x's dtype {dtype_name(x.dtype)}, got {dtype_name(grad_y.dtype)}"
-        )
+    _check_output_like("grad_y", grad_y, x, (M, N))
     if not isinstance(S, torch.Tensor) or S.shape != (M, r):
         got = tuple(S.shape) if isinstance(S, torch.Tensor) else type(S).__name__
         raise ValueError(f"S must have shape (M, r) = ({M}, {r}), got {got}")
     if S.dtype != torch.float32:
         raise TypeError(f"S must be float32, got {dtype_name(S.dtype)}")
-    for name, t in (("grad_y", grad_y), ("S", S)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if S.device != x.device:
+        raise ValueError(f"S is on {S.device} but x is on {x.device}")
+    if len(output_mask) != 5:
+        raise ValueError(f"output_mask must have 5 entries, got {len(output_mask)}")
+
+
+def _check_column_scale(g, x, N) -> None:
+    """DoRA's g: a floating (N,) tensor on x's device (fp32 from ops/dora.py)."""
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"g must be a torch.Tensor, got {type(g).__name__}")
+    if g.shape != (N,):
+        raise ValueError(f"g must have shape (N,) = ({N},), got {tuple(g.shape)}")
+    if g.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"g must be float32, float16 or bfloat16, got {dtype_name(g.dtype)}")
+    if g.device != x.device:
+        raise ValueError(f"g is on {g.device} but x is on {x.device}")
+
+
+def check_dora_forward_args(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed) -> None:
+    check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    _check_column_scale(g, x, weight.shape[0])
+
+
+def check_dora_backward_args(
+    grad_y, x, weight, lora_A, lora_B, g, Z, scaling, dropout_p, seed, output_mask
+) -> None:
+    check_dora_forward_args(x, weight, None, lora_A, lora_B, g, scaling, dropout_p, seed)
+    M, N = x.shape[0], weight.shape[0]
+    _check_output_like("grad_y", grad_y, x, (M, N))
+    _check_output_like("Z", Z, x, (M, N))
     if len(output_mask) != 5:
         raise ValueError(f"output_mask must have 5 entries, got {len(output_mask)}")

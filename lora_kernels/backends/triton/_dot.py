@@ -14,6 +14,10 @@ one of four precisions, chosen on the host by ``_launch.dot_precision``:
 - ``"tf32"``: tensor cores reading fp32 operands as TF32 themselves: fp32
   inputs where torch's matmul setting allows TF32, as cuBLAS would run them;
 - ``"ieee"``: full fp32 (CUDA cores), fp32 inputs by torch's default.
+
+An operand a kernel forms in fp32 and rounds to the input's dtype with
+``round_to_operand`` (a decoded NF4 tile, DoRA's column-scaled dy tile in
+its dx GEMM) is an input-dtype operand: its product runs "native".
 """
 
 from __future__ import annotations
@@ -63,6 +67,23 @@ def _hardware_tf32_operand(t):
         )
     else:
         return t.to(tl.float32)
+
+
+@triton.jit
+def round_to_operand(w, dtype: tl.constexpr):
+    """fp32 ``w`` rounded to nearest (even) in ``dtype``, as torch's ``.to(dtype)`` does:
+    an operand formed in fp32 (a decoded NF4 tile, DoRA's g ⊙ dy) made a ``"native"`` one."""
+    if _INTERPRETED and dtype == tl.bfloat16:
+        # Triton's interpreter (3.8) truncates fp32 → bf16; the GPU and torch
+        # round to nearest even. Done on the bits (NaN/inf keep their top bits;
+        # values that round past the largest bf16 become inf, as on the GPU).
+        bits = w.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        special = (bits & 0x7F800000) == 0x7F800000
+        bits = tl.where(special, bits, rounded) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return w.to(dtype)
 
 
 @triton.jit

@@ -4,7 +4,9 @@ so that both compute y with exactly the same arithmetic: the LoRA term
 s·S·Bᵀ, the fp32 accumulator's initial value, and the epilogue that adds the
 bias in fp32 and rounds once to y's dtype. The dx GEMM (``grad_x``) starts
 its accumulator with the same ``lora_term``, on (dS, A) with scaling 1, so
-both GEMMs do the same rank arithmetic."""
+both GEMMs do the same rank arithmetic; so do DoRA's GEMMs
+(``dora_forward_gemm``, whose y goes through ``store_output`` too, and
+``dora_grad_x``)."""
 
 from __future__ import annotations
 

@@ -155,6 +155,57 @@ def gemm_tile(
     return min(tiles, key=estimated_time)  # the first (largest) of equal estimates
 
 
+# DoRA's GEMMs at p > 0 hold two accumulators (forward: x·W0ᵀ and x̃·W0ᵀ; dx:
+# dy·W0 and ((g − 1) ⊙ dy)·W0): each at most this many output elements per
+# thread -- 64 on tensor cores (128×128 with 8 warps on sm_90: 219 registers
+# for the forward, 254 for dx with its mask; 128×256 would not fit), 32 for
+# CUDA-core fp32 dots, whose operand tiles live in registers too (64 spilled
+# 0.5-0.9 KB on sm_90, by kernel_report).
+TWO_ACCUMULATOR_ELEMENTS = {"ieee": 32}
+TWO_ACCUMULATOR_ELEMENTS_TENSOR_CORES = 64
+
+
+def two_accumulator_elements(precision: str) -> int:
+    """``max_elements_per_thread`` of a GEMM holding two accumulators whose
+    products run in ``precision`` (``_launch.dot_precision``)."""
+    return TWO_ACCUMULATOR_ELEMENTS.get(precision, TWO_ACCUMULATOR_ELEMENTS_TENSOR_CORES)
+
+
+def fit_second_left_operand(
+    weight: WeightArgs,
+    tile: dict,
+    element_size: int,
+    device: torch.device,
+    cols_block: str,
+    reduction_block: str,
+) -> dict:
+    """``tile`` (``launch_choice``'s and ``weight_tile``'s keyword arguments)
+    for a GEMM that streams a second left operand of the first's shape (DoRA's
+    forward at p > 0: x and D⊙x) beside the W0 ``weight``: its pipeline
+    shortened until its stages fit the device's shared memory, W0's tile
+    counted as its bytes (NF4: packed, with at most one absmax per 32
+    elements, and the decoded operand once). An NF4 tile off the GEMV path
+    also halves its step (``DECODED_PER_THREAD`` / 2 decoded elements per
+    thread): the second operand's registers beside the decode spilled on sm_80
+    at the full step (kernel_report). Unchanged for the autotuner's (which
+    pass none) and off a GPU."""
+    if not tile or device.type != "cuda":
+        return tile
+    rows, cols, step = tile["BLOCK_M"], tile[cols_block], tile[reduction_block]
+    if weight.nf4 and rows > GEMV_ROWS:
+        step = max(_launch.MIN_DOT_BLOCK, step // 2)
+    if weight.nf4:
+        per_stage_w, once = cols * step // 2 + cols * step // 8, cols * step * element_size
+    else:
+        per_stage_w, once = cols * step * element_size, 0
+    per_stage = 2 * rows * step * element_size + per_stage_w
+    budget = _launch.shared_memory(_device_index(device))
+    stages = tile["num_stages"]
+    while stages > 1 and once + stages * per_stage > budget:
+        stages -= 1
+    return tile | {reduction_block: step, "num_stages": stages}
+
+
 def launch_choice(
     kernel: Callable,
     tuned_kernel: Callable,

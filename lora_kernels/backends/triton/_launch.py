@@ -1,10 +1,12 @@
 """Host-side launch decisions shared by the Triton kernels: block sizes for the
 rank dimension, how far to split a reduction (``plan_reduction``, the whole
 plan of a skinny kernel), the precision of each dot, whether the kernels run
-in Triton's interpreter, and the one launch point (``wrap_triton``)."""
+in Triton's interpreter, the device the op bodies launch on (``launch_device``)
+and the one launch point (``wrap_triton``)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -46,6 +48,12 @@ def wrap_triton(kernel: Callable):
     ``triton_op`` finds an op's kernels in its source (for torch.compile's
     cache keys), and torch.compile traces into the ops through it."""
     return kernel_wrapper(kernel)
+
+
+def launch_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device and stream: make that x's
+    device, as the C++ ops do with a CUDAGuard (every op body runs in it)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def rank_block(r: int, cap: int) -> int:

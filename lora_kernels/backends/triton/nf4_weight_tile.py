@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ...quant.nf4 import NF4_VALUES, NF4Weight
 from . import _launch
+from ._dot import round_to_operand
 
 # The byte a masked NF4 load reads: index 7 in both nibbles, the code of 0.0,
 # so masked elements decode to 0 like a dense tile's masked elements.
@@ -53,22 +54,6 @@ _ZERO_WORD = tl.constexpr(0x77777777)
 INT32_INDEX_LIMIT = 2**31
 
 _INTERPRETED = tl.constexpr(_launch.INTERPRETED)
-
-
-@triton.jit
-def _round_to_operand(w, dtype: tl.constexpr):
-    """fp32 ``w`` rounded to nearest (even) in ``dtype``, as torch's ``.to(dtype)`` does."""
-    if _INTERPRETED and dtype == tl.bfloat16:
-        # Triton's interpreter (3.8) truncates fp32 → bf16; the GPU and torch
-        # round to nearest even. Done on the bits: finite values only, which
-        # an NF4 weight's are (NaN/inf keep their top bits).
-        bits = w.to(tl.uint32, bitcast=True)
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        special = (bits & 0x7F800000) == 0x7F800000
-        bits = tl.where(special, bits, rounded) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return w.to(dtype)
 
 
 @triton.jit
@@ -147,7 +132,7 @@ def _decode_nf4_elements(w_ptr, absmax_ptr, code_ptr, n, k, mask, K, BLOCKSIZE, 
     # The high nibble for an even (first) element of its byte, the low one for an odd.
     index = (byte.to(tl.int32) >> (((flat & 1) ^ 1).to(tl.int32) * 4)) & 0xF
     absmax = tl.load(absmax_ptr + flat // BLOCKSIZE, mask=mask, other=0.0)
-    return _round_to_operand(tl.load(code_ptr + index) * absmax, DTYPE)
+    return round_to_operand(tl.load(code_ptr + index) * absmax, DTYPE)
 
 
 @triton.jit
@@ -234,7 +219,7 @@ def _decode_nf4_words(
     position = tl.arange(0, 8)
     shift = 8 * (position // 2) + 4 * (1 - position % 2)
     values = _nf4_values(copies, shift[None, None, :], code_ptr)
-    w = _round_to_operand(values * absmax[:, :, None], DTYPE)
+    w = round_to_operand(values * absmax[:, :, None], DTYPE)
     return tl.reshape(w, (n.shape[0], COLS))
 
 

@@ -6,7 +6,7 @@ Both are ``torch.library.triton_op``s launching their kernels through
 implementation is registered: the op body traces itself). Their bodies,
 ``lora_forward`` and ``lora_backward``, also multiply by an NF4 weight for
 the NF4 op (``NF4_MATMUL``, lora_kernels/ops/nf4_op.py), decoding its tiles
-inside the GEMMs.
+inside the GEMMs, as the DoRA pair's bodies (dora_ops.py) do for the NF4 DoRA op.
 
 Forward: shrink (S = x̃·Aᵀ) then one GEMM for y. Backward: one pass over dy
 for dS (and dB), a dA kernel, one GEMM for dx; dW0 and db, needed only when
@@ -15,7 +15,6 @@ the base layer trains, use torch's own GEMM and reduction.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -27,17 +26,13 @@ from ...ops.registry import NF4Matmul
 from ...quant.nf4 import NF4Weight
 from ._checks import check_backward_args, check_forward_args
 from ._dropout import DropoutArgs
+from ._launch import launch_device
+from .dora_ops import checked_dora_backward, checked_dora_forward
 from .dy_pass import dy_pass, grad_b_pass
 from .forward_gemm import forward_gemm
 from .grad_a import grad_a_pass
 from .grad_x import grad_x_gemm
 from .shrink import shrink
-
-
-def launch_device(x: torch.Tensor):
-    """Triton launches on the current CUDA device and stream: make that x's
-    device, as the C++ ops do with a CUDAGuard."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def lora_forward(
@@ -139,8 +134,12 @@ triton_lora_backward = triton_op(
     "lora_kernels::triton_lora_backward", mutates_args=(), schema=schemas.LORA_BACKWARD
 )(checked_backward)
 
-# The NF4 path: the forward and dx GEMMs decode W0 tiles in their K loops. The
-# checks run here too: direct callers of the NF4 op reach the kernels through no other.
+# The NF4 path: the forward and dx GEMMs decode W0 tiles in their K loops, the
+# DoRA pair's (dora_ops.py) too. The checks run here too: direct callers of the
+# NF4 ops reach the kernels through no other.
 NF4_MATMUL = NF4Matmul(
-    lambda backend, *args: checked_forward(*args), lambda backend, *args: checked_backward(*args)
+    lambda backend, *args: checked_forward(*args),
+    lambda backend, *args: checked_backward(*args),
+    dora_forward=lambda backend, *args: checked_dora_forward(*args),
+    dora_backward=lambda backend, *args: checked_dora_backward(*args),
 )
