@@ -15,12 +15,14 @@
 //
 // backward  S = shrink(x) again (only for dB; M×r, never saved)
 //           one pass over dy: dS = s·dy·(g⊙B), dB = g⊙(s·dyᵀ·S) (= s·dygᵀ·S),
-//             db = Σ dy, grad_g = Σ dy⊙Z, dyc = (1 + (g−1)·c)⊙dy      Dev::dy_pass
+//             db = Σ dy, grad_g = Σ dy⊙Z, dyc = coef⊙dy             Dev::dy_pass
 //           dx = D⊙(dS·A)/(1−p),  dA = dSᵀ·x̃                      Dev::lora_grads
-//           dx += dyc·W0                                          the base GEMM (dyc = dy⊙g at p = 0)
+//           dx += dyc·W0 = dy·(coef⊙W0)                           the base GEMM
 //   p > 0:  dx −= c·(1−D)⊙[((g−1)⊙dy)·W0]                         Dev::sub_dropped_product
-//   (a device may add the LoRA term after the GEMM instead: Dev::kLoraTermFirst)
-//   Allocated: the outputs, dyc (M×N, only for dx), dS, S (M×r).
+//   coef = 1 + (g−1)·c (g at p = 0) scales dy (M×N) or W0's rows (N×K), the
+//   smaller. (A device may add the LoRA term after the GEMM instead:
+//   Dev::kLoraTermFirst.)
+//   Allocated: the outputs, dyc or coef⊙W0 (only for dx), dS, S (M×r).
 //
 // The p > 0 dx is the contract's dy·W0 + D⊙[((g−1)⊙dy)·W0 + dS·A]/(1−p): on
 // kept elements D/(1−p) = c, so dy·W0 + c·((g−1)⊙dy)·W0 = dyc·W0, and dropped
@@ -196,10 +198,12 @@ struct DoraPlan {
     at::Tensor S = at::empty({need.lora_B ? M : 0, r}, x.options().dtype(acc));
     if (need.lora_B) Dev::shrink(x, lora_A, dropout_p, seed, S);
     // dy⊙g enters dS and dB through g⊙B and a row scale of dB (N×r), and dx
-    // through dyc: 1 + (g−1)·c is g at p = 0.
+    // through the GEMM's scaled operand: 1 + (g−1)·c is g at p = 0.
     const at::Tensor B_g = lora_B.to(acc) * g.unsqueeze(1);
     const at::Tensor coef = dropout ? (g - 1.0) * c + 1.0 : g;
-    const DoraDyRequest request{need_dS, need.lora_B, need.x, need.bias, need.g};
+    const bool scale_weight = K < M;  // coef⊙W0 (N×K) is smaller than dyc (M×N)
+    const DoraDyRequest request{need_dS, need.lora_B, need.x && !scale_weight, need.bias,
+                                need.g};
     DoraDyResult pass = Dev::dy_pass(grad_y, B_g, S, coef, Z, scaling, request);
     if (need.lora_B) grad_B = (pass.dB * g.unsqueeze(1)).to(lora_B.scalar_type());
     if (need.bias) grad_b = pass.db.to(x.scalar_type());
@@ -214,13 +218,17 @@ struct DoraPlan {
       dA = Dev::lora_grads(pass.dS, x, lora_A, dropout_p, seed, dx, need.lora_A);
     }
     if (need.x) {
-      // dx (+)= dyc·W0: the only full base GEMM.
-      if (Dev::kLoraTermFirst) {
-        grad_x.addmm_(pass.dyc, weight);
-      } else {
-        at::mm_out(grad_x, pass.dyc, weight);
+      {  // dx (+)= dyc·W0 = dy·(coef⊙W0): the only full base GEMM.
+        const at::Tensor lhs = scale_weight ? grad_y : pass.dyc;
+        const at::Tensor rhs =
+            scale_weight ? (weight * coef.unsqueeze(1)).to(x.scalar_type()) : weight;
+        if (Dev::kLoraTermFirst) {
+          grad_x.addmm_(lhs, rhs);
+        } else {
+          at::mm_out(grad_x, lhs, rhs);
+        }
       }
-      pass.dyc.reset();  // the M×N buffer goes before the rest
+      pass.dyc.reset();  // the scaled operand goes before the rest
       if (dropout) Dev::sub_dropped_product(grad_y, g - 1.0, weight, dropout_p, seed, grad_x);
     }
     if (!Dev::kLoraTermFirst && need_dS) {

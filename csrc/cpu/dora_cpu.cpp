@@ -8,8 +8,8 @@
 //                                       the block while it is in L2 (per-thread
 //                                       partials added in block order)
 //   the dropped products (p > 0)        on the dropped elements only for p <= 1/4
-//                                       (dora_dropped_cpu.cpp); a row block of D⊙x
-//                                       or ((g−1)⊙dy)·W0 through a GEMM above that
+//                                       and M >= 256 (dora_dropped_cpu.cpp); else a
+//                                       row block of D⊙x or ((g−1)⊙dy)·W0 through a GEMM
 //   column scales, the dense helpers    elementwise loops over rows, OpenMP
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -33,9 +33,15 @@
 namespace lora_kernels::cpu {
 namespace {
 
-// Largest dropout for which the dropped products run on the dropped elements
-// only; above it a dense GEMM of a row block costs less.
+// The dropped products run on the dropped elements only up to this dropout
+// (above it a dense GEMM of a row block costs less) and from this many rows
+// (below it the GEMM is cheap and the transposed copy of W0 they read is not).
 constexpr double kSparseDropout = 0.25;
+constexpr int64_t kSparseMinRows = 256;
+
+bool sparse_dropped(double dropout_p, int64_t rows) {
+  return dropout_p <= kSparseDropout && rows >= kSparseMinRows;
+}
 // Row-block operands of the dense dropped products: about this many bytes,
 // at most this many rows.
 constexpr int64_t kDenseBlockBytes = 4 << 20;
@@ -287,7 +293,7 @@ struct CpuDora {
                               const at::Tensor& g, const at::Tensor& bias, double dropout_p,
                               const std::optional<at::Tensor>& seed, at::Tensor& y,
                               at::Tensor& Z) {
-    if (dropout_p <= kSparseDropout) {
+    if (sparse_dropped(dropout_p, x.size(0))) {
       return dropped_forward_sparse(x, weight, g, bias, dropout_p, seed, y, Z);
     }
     dense_dropped_forward<CpuDora>(x, weight, S_x, B_scaled, g, bias, dropout_p, seed,
@@ -297,7 +303,7 @@ struct CpuDora {
   static void sub_dropped_product(const at::Tensor& grad_y, const at::Tensor& g_minus_one,
                                   const at::Tensor& weight, double dropout_p,
                                   const std::optional<at::Tensor>& seed, at::Tensor& grad_x) {
-    if (dropout_p <= kSparseDropout) {
+    if (sparse_dropped(dropout_p, grad_y.size(0))) {
       return sub_dropped_product_sparse(grad_y, g_minus_one, weight, dropout_p, seed, grad_x);
     }
     const int64_t cols = std::max(grad_y.size(1), grad_x.size(1));

@@ -196,8 +196,8 @@ def test_dora_is_a_capability_of_the_backends_with_its_kernels():
 
 # Shapes that take every path of the CPU plan: several row blocks of the
 # dropped products (128 rows) and of the dy pass, panel tails (64 columns of
-# W0 per panel), K not a multiple of 4, the sparse (p <= 1/4) and the dense
-# (p > 1/4) dropped products.
+# W0 per panel), K not a multiple of 4, the sparse (p <= 1/4, M >= 256) and
+# the dense dropped products, dx's GEMM on dy⊙coef (K >= M) or on coef⊙W0.
 _PLAN_CASES = [
     pytest.param(M, K, N, p, bias, id=f"M{M}-K{K}-N{N}-p{p}-{'bias' if bias else 'nobias'}")
     for M, K, N, p, bias in [
@@ -205,7 +205,9 @@ _PLAN_CASES = [
         (300, 70, 150, 0.1, True),
         (300, 70, 150, 0.25, False),
         (300, 70, 150, 0.5, True),
-        (129, 33, 65, 0.1, False),
+        (385, 33, 65, 0.1, False),
+        (60, 70, 50, 0.0, True),
+        (60, 70, 50, 0.2, False),
         (7, 5, 3, 0.9, True),
     ]
 ]
@@ -325,8 +327,24 @@ def test_dora_plan_allocates_no_m_by_n_buffers_beyond_its_outputs(p):
             grad_y, x, weight, lora_A, lora_B, g, Z, s, p, seed, [True] * 5
         )
     )
-    # grad_x, and dy⊙(1 + (g−1)/(1−p)) (dy⊙g at p = 0), the base GEMM's input.
-    assert sorted(a for a in allocations if a >= half_m_by_k) == [M * K * 4, m_by_n]
+    # grad_x alone: with K < M the GEMM takes W0's rows ⊙(1 + (g−1)/(1−p)), N×K.
+    assert sorted(a for a in allocations if a >= half_m_by_k) == [M * K * 4]
+
+
+@_HAS_DORA_CPU
+def test_dora_plan_scales_dy_when_it_is_smaller_than_w0():
+    # K >= M: the GEMM's input is dy⊙g (M×N), the one buffer beyond grad_x.
+    M, K, N = 256, 512, 384
+    fwd, grad_y = _dora_problem(M, K, N, 0.0, True, torch.float32)
+    x, weight, _, lora_A, lora_B, g, s, _, seed = fwd
+    _, Z = _DORA_OPS.dora_forward(*fwd)
+    grad_y = grad_y.float()
+    allocations, _ = _profiled(
+        lambda: _DORA_OPS.dora_backward(
+            grad_y, x, weight, lora_A, lora_B, g, Z, s, 0.0, seed, [True] * 5
+        )
+    )
+    assert sorted(a for a in allocations if a >= M * K * 4 // 2) == [M * N * 4, M * K * 4]
 
 
 @_HAS_DORA_CPU
