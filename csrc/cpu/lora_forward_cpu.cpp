@@ -77,6 +77,24 @@ void seed_lora_term(const at::Tensor& S, const at::Tensor& lora_B, const at::Ten
 
 }  // namespace
 
+void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
+            const std::optional<at::Tensor>& seed, at::Tensor& S) {
+  const at::ScalarType acc = accumulate_dtype(x.scalar_type());
+  const at::Tensor A_acc = lora_A.to(acc);
+  if (dropout_p == 0.0 && x.scalar_type() == acc) {
+    at::mm_out(S, x, A_acc.t());
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "shrink_cpu", [&] {
+    const DropoutMask mask(seed, dropout_p, x.size(1));
+    if (dropout_p > 0.0) {
+      shrink_blocked<scalar_t, true>(x, A_acc, mask, S);
+    } else {
+      shrink_blocked<scalar_t, false>(x, A_acc, mask, S);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
@@ -86,25 +104,10 @@ std::tuple<at::Tensor, at::Tensor> lora_forward_cpu(
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
 
   const at::ScalarType acc = accumulate_dtype(x.scalar_type());
-  const bool low_precision = x.scalar_type() != acc;
-  const bool dropout = dropout_p > 0.0;
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  const int64_t M = x.size(0), N = weight.size(0), r = lora_A.size(0);
 
   at::Tensor S = at::empty({M, r}, x.options().dtype(acc));
-  const at::Tensor A_acc = lora_A.to(acc);
-  if (!dropout && !low_precision) {
-    at::mm_out(S, x, A_acc.t());
-  } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_forward_cpu",
-                                    [&] {
-                                      const DropoutMask mask(seed, dropout_p, K);
-                                      if (dropout) {
-                                        shrink_blocked<scalar_t, true>(x, A_acc, mask, S);
-                                      } else {
-                                        shrink_blocked<scalar_t, false>(x, A_acc, mask, S);
-                                      }
-                                    });
-  }
+  shrink(x, lora_A, dropout_p, seed, S);
 
   at::Tensor y = at::empty({M, N}, x.options());
   const bool has_bias = bias.has_value() && bias->defined();

@@ -41,6 +41,13 @@ struct RowBlocks {
         block(std::clamp<int64_t>(kTileBytes / std::max<int64_t>(cols * elem_size, 1),
                                   kMinRowsPerBlock, kMaxRowsPerBlock)) {}
 
+  // Blocks of exactly `block_` rows (the last one shorter).
+  static RowBlocks of(int64_t rows_, int64_t block_) {
+    RowBlocks blocks(rows_, 1, 1);
+    blocks.block = std::max<int64_t>(block_, 1);
+    return blocks;
+  }
+
   int64_t count() const { return (rows + block - 1) / block; }
   int64_t first_row(int64_t b) const { return b * block; }
   int64_t size(int64_t b) const { return std::min(block, rows - b * block); }
@@ -106,6 +113,14 @@ template <bool kDropout, typename scalar_t, typename acc_t>
 inline void store_row(const acc_t* v, const acc_t* m, int64_t n, scalar_t* y) {
   for (int64_t c = 0; c < n; ++c) {
     y[c] = static_cast<scalar_t>(kDropout ? v[c] * m[c] : v[c]);
+  }
+}
+
+// y[c] += v[c] (times m[c] when kDropout), accumulated in the accumulate type.
+template <bool kDropout, typename scalar_t, typename acc_t>
+inline void add_row(const acc_t* v, const acc_t* m, int64_t n, scalar_t* y) {
+  for (int64_t c = 0; c < n; ++c) {
+    y[c] = static_cast<scalar_t>(static_cast<acc_t>(y[c]) + (kDropout ? v[c] * m[c] : v[c]));
   }
 }
 

@@ -16,6 +16,11 @@
 //           grad_W0 = dyᵀ·x, grad_b  ATen, only when asked
 // Nothing synchronises with the host: the seed is read by the kernels.
 //
+// The DoRA op pair: the plan of csrc/dora_plan.h on the CUDA device below,
+// cuBLAS for its GEMMs, the kernels above for its rank-r work, dora.cu for its
+// elementwise and column-sum kernels; the dropped products (p > 0) as GEMMs of
+// row blocks of D⊙x and ((g−1)⊙dy)·W0.
+//
 // Also the NF4 ops (nf4.cu): nf4_dequantize and nf4_linear_small_m.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -27,6 +32,8 @@
 #include <optional>
 #include <tuple>
 
+#include "dora_cuda_kernels.h"
+#include "dora_plan.h"
 #include "lora_checks.h"
 #include "lora_cuda_kernels.h"
 #include "nf4_checks.h"
@@ -102,6 +109,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_back
   return {grad_x, grad_W, grad_b, grad_A, grad_B};
 }
 
+// Row-block operands of the dense dropped products: about this many bytes,
+// at most this many rows.
+constexpr int64_t kDenseBlockBytes = 64 << 20;
+constexpr int64_t kDenseBlockRows = 4096;
+
+// The CUDA device of the DoRA plan (dora_plan.h).
+struct CudaDora {
+  static void check_device(const at::Tensor& x) { check_on_cuda(x); }
+  static c10::cuda::CUDAGuard guard(const at::Tensor& x) {
+    return c10::cuda::CUDAGuard(x.device());
+  }
+
+  static void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
+                     const std::optional<at::Tensor>& seed, at::Tensor& S) {
+    cuda::shrink(x, lora_A, dropout_p, seed, S);
+  }
+
+  static DoraDyResult dy_pass(const at::Tensor& grad_y, const at::Tensor& B_g,
+                              const at::Tensor& S, const at::Tensor& coef, const at::Tensor& Z,
+                              double scaling, const DoraDyRequest& want) {
+    const int64_t M = grad_y.size(0), N = grad_y.size(1), r = B_g.size(1);
+    const at::TensorOptions acc_options = B_g.options();
+    DoraDyResult out;
+    if (want.dS) out.dS = at::empty({M, r}, acc_options);
+    if (want.dB) out.dB = at::empty({N, r}, acc_options);
+    if (want.dyc) out.dyc = at::empty({M, N}, grad_y.options());
+    if (want.db) out.db = at::empty({N}, acc_options);
+    if (want.dg) out.dg = at::empty({N}, acc_options);
+    cuda::dy_pass(grad_y, B_g, S, scaling, want.dS ? &out.dS : nullptr,
+                  want.dB ? &out.dB : nullptr);
+    dora_column_pass(grad_y, coef, Z, want.dyc ? &out.dyc : nullptr, want.db ? &out.db : nullptr,
+                     want.dg ? &out.dg : nullptr);
+    return out;
+  }
+
+  // grad_x += D⊙(dS·A)/(1−p) after the base GEMM (the grad_x kernel adds in place).
+  static constexpr bool kLoraTermFirst = false;
+  static at::Tensor lora_grads(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& lora_A,
+                               double dropout_p, const std::optional<at::Tensor>& seed,
+                               at::Tensor* grad_x, bool need_dA) {
+    if (grad_x != nullptr) add_grad_x(dS, lora_A, dropout_p, seed, *grad_x);
+    if (!need_dA) return at::Tensor();
+    at::Tensor dA = at::empty({lora_A.size(0), x.size(1)}, dS.options());
+    if (x.size(1) > 0) grad_a(dS, x, dropout_p, seed, dA);
+    return dA;
+  }
+
+  static void scale_columns(const at::Tensor& in, const at::Tensor& a, bool accumulate,
+                            const at::Tensor& bias, at::Tensor& out) {
+    dora_scale_columns(in, a, accumulate, bias, out);
+  }
+
+  static void dropped_forward(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& S_x, const at::Tensor& B_scaled,
+                              const at::Tensor& g, const at::Tensor& bias, double dropout_p,
+                              const std::optional<at::Tensor>& seed, at::Tensor& y,
+                              at::Tensor& Z) {
+    const int64_t block = dora_block_rows(x.size(0), x.size(1), x.element_size(),
+                                          kDenseBlockBytes, kDenseBlockRows);
+    dense_dropped_forward<CudaDora>(x, weight, S_x, B_scaled, g, bias, dropout_p, seed, block, y,
+                                    Z);
+  }
+
+  static void sub_dropped_product(const at::Tensor& grad_y, const at::Tensor& g_minus_one,
+                                  const at::Tensor& weight, double dropout_p,
+                                  const std::optional<at::Tensor>& seed, at::Tensor& grad_x) {
+    const int64_t cols = std::max(grad_y.size(1), grad_x.size(1));
+    const int64_t block = dora_block_rows(grad_y.size(0), cols, grad_x.element_size(),
+                                          kDenseBlockBytes, kDenseBlockRows);
+    dense_sub_dropped_product<CudaDora>(grad_y, g_minus_one, weight, dropout_p, seed, block,
+                                        grad_x);
+  }
+
+  static void kept_rows(const at::Tensor& x, int64_t first, double dropout_p,
+                        const std::optional<at::Tensor>& seed, at::Tensor& tile) {
+    dora_kept_rows(x, first, dropout_p, seed, tile);
+  }
+
+  static void sub_dropped_rows(const at::Tensor& T, int64_t first, double dropout_p,
+                               const std::optional<at::Tensor>& seed, double scale,
+                               at::Tensor& rows) {
+    dora_sub_dropped_rows(T, first, dropout_p, seed, scale, rows);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> dora_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& g, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed) {
+  return DoraPlan<CudaDora>::forward(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p,
+                                     seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dora_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& g, const at::Tensor& Z,
+    double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    std::array<bool, 5> output_mask) {
+  return DoraPlan<CudaDora>::backward(grad_y, x, weight, lora_A, lora_B, g, Z, scaling,
+                                      dropout_p, seed, output_mask);
+}
+
 at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t blocksize, int64_t rows, int64_t cols,
                                at::ScalarType dtype) {
@@ -140,6 +249,8 @@ at::Tensor nf4_linear_small_m_cuda(const at::Tensor& x, const at::Tensor& packed
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("lora_forward", &lora_kernels::cuda::lora_forward_cuda);
   m.impl("lora_backward", &lora_kernels::cuda::lora_backward_cuda);
+  m.impl("dora_forward", &lora_kernels::cuda::dora_forward_cuda);
+  m.impl("dora_backward", &lora_kernels::cuda::dora_backward_cuda);
   m.impl("nf4_dequantize", &lora_kernels::cuda::nf4_dequantize_cuda);
   m.impl("nf4_linear_small_m", &lora_kernels::cuda::nf4_linear_small_m_cuda);
 }

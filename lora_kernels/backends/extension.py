@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 
 from ..ops import schemas
-from ..ops.autograd import register_extension_fakes, register_op_pair
-from ..ops.registry import Backend, NF4Matmul
+from ..ops.autograd import register_dora_pair, register_extension_fakes, register_op_pair
+from ..ops.registry import Backend, DoraOps, NF4Matmul
 
 # Loading _C registers the ops' CPU and CUDA kernels; the schemas follow.
 _ERROR: str | None = None
@@ -79,6 +79,12 @@ def warn_if_unavailable() -> None:
 FORWARD = torch.ops.lora_kernels.lora_forward.default
 BACKWARD = torch.ops.lora_kernels.lora_backward.default
 register_op_pair(FORWARD, BACKWARD)
+# The DoRA pair (csrc/dora_plan.h): a capability of each device kind whose
+# kernels _C registers (an extension built before it has none).
+DORA = DoraOps(
+    torch.ops.lora_kernels.dora_forward.default, torch.ops.lora_kernels.dora_backward.default
+)
+register_dora_pair(DORA.forward, DORA.backward)
 register_extension_fakes()
 
 
@@ -98,7 +104,9 @@ def _unavailable(device_type: str) -> Callable[[torch.device], str | None]:
 
 
 def extension_backend(device_type: str, nf4: NF4Matmul) -> Backend:
-    """The backend that runs the extension's kernels on ``device_type`` tensors."""
+    """The backend that runs the extension's kernels on ``device_type`` tensors;
+    its DoRA pair where ``_C`` has DoRA kernels for that device kind (else
+    DoRA calls resolve to a backend that has them)."""
     return Backend(
         device_type,
         FORWARD,
@@ -106,4 +114,5 @@ def extension_backend(device_type: str, nf4: NF4Matmul) -> Backend:
         _unavailable(device_type),
         device_types=frozenset({device_type}),
         nf4=nf4,
+        dora=DORA if has_kernel("dora_forward", device_type.upper()) else None,
     )

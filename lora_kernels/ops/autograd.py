@@ -111,6 +111,8 @@ def _dora_setup_context(ctx, inputs, output):
     # a mask or S (recomputed: M×r).
     ctx.save_for_backward(x, weight, lora_A, lora_B, g, Z, seed)
     ctx.mark_non_differentiable(Z)
+    # Z takes no gradient: no M×N zeros for it (nor for an unused y).
+    ctx.set_materialize_grads(False)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
 
@@ -121,7 +123,7 @@ def _make_dora_backward(backward_op: Callable) -> Callable:
         if needs[1]:
             raise RuntimeError("the base weight of a DoRA layer takes no gradient (it is frozen)")
         mask = [needs[0], needs[2], needs[3], needs[4], needs[5]]  # x, bias, A, B, g
-        if not any(mask):
+        if grad_y is None or not any(mask):
             return (None,) * 9
         grads = backward_op(
             grad_y, x, weight, lora_A, lora_B, g, Z, ctx.scaling, ctx.dropout_p, seed, mask
@@ -232,6 +234,7 @@ def _nf4_dora_setup_context(ctx, inputs, output):
     # The quantized weight is saved, never its dequantized copy.
     ctx.save_for_backward(x, packed, absmax, offset, absmax2, code2, lora_A, lora_B, g, Z, seed)
     ctx.mark_non_differentiable(Z)
+    ctx.set_materialize_grads(False)  # no M×N zeros for Z's gradient
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.blocksize, ctx.out_features, ctx.backend = blocksize, out_features, backend
 
@@ -243,7 +246,7 @@ def _nf4_dora_backward(ctx, grad_y, grad_Z):
     if any(needs[i] for i in (1, 2, 3, 4, 5)):
         raise RuntimeError("the NF4 base weight takes no gradient (it is frozen)")
     grads = (None,) * 5
-    if any(mask):
+    if grad_y is not None and any(mask):
         grads = torch.ops.lora_kernels.nf4_dora_backward(
             grad_y, x, packed, absmax, offset, absmax2, code2, lora_A, lora_B, g, Z,
             ctx.scaling, ctx.dropout_p, seed, ctx.blocksize, ctx.out_features, ctx.backend, mask,

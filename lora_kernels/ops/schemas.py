@@ -1,11 +1,12 @@
 """Every operator schema of the ``lora_kernels`` namespace, in one place.
 
 The ops of the compiled extension (``lora_forward``, ``lora_backward``,
-``nf4_dequantize``, ``nf4_linear_small_m``) are defined here with
-``torch.library.define``, whether or not the extension loads;
-``lora_kernels._C`` only registers their CPU and CUDA kernels
-(``TORCH_LIBRARY_IMPL`` next to the kernels in ``csrc/``). The Python ops (the ``torch`` and ``triton`` backends'
-pairs, the NF4 op pair, the seed draw) pass these strings to
+``dora_forward``, ``dora_backward``, ``nf4_dequantize``, ``nf4_linear_small_m``)
+are defined here with ``torch.library.define``, whether or not the extension
+loads; ``lora_kernels._C`` only registers their CPU and CUDA kernels
+(``TORCH_LIBRARY_IMPL`` next to the kernels in ``csrc/``). The Python ops (the
+``torch`` and ``triton`` backends' pairs, the NF4 op pair, the seed draw) pass
+these strings to
 ``torch.library.custom_op`` / ``triton_op``. Fake implementations and autograd
 formulas of all of them are in ``ops/autograd.py`` (the NF4 pair's in
 ``ops/nf4_op.py``).
@@ -90,6 +91,8 @@ DRAW_SEED = "(Device device) -> Tensor"
 EXTENSION = {
     "lora_forward": LORA_FORWARD,
     "lora_backward": LORA_BACKWARD,
+    "dora_forward": DORA_FORWARD,
+    "dora_backward": DORA_BACKWARD,
     # The (rows, cols) NF4 weight in `dtype` (float32, float16, bfloat16), bit for
     # bit as NF4Weight.dequantize: packed codes (uint8, (rows·cols + 1) // 2, high
     # nibble first) and one fp32 absmax per block of `blocksize` elements (double

@@ -11,7 +11,8 @@
   emulated lane by lane): dequantization bit for bit, both GEMV kernels for
   every token count, blocksize, tail, split and misaligned pointer.
 * Code: the kernels in the built extension use tensor cores (HMMA), read
-  16 bytes at a time and never touch local memory (no spills), by the SASS.
+  16 bytes at a time and never touch local memory (no spills), by the SASS;
+  so do the DoRA op's elementwise and column-sum kernels (csrc/cuda/dora.cu).
 """
 
 from __future__ import annotations
@@ -166,3 +167,21 @@ def test_nf4_kernels_compiled_code():
     for name, body in kernels.items():
         assert not re.search(r"\b(?:LDL|STL)\b", body), f"{name}: local memory (spills)"
     assert local and all(int(n) == 0 for _, n in local), local
+
+
+@_CUDA_BUILT
+@_HAS_CUOBJDUMP
+def test_dora_kernels_compiled_code():
+    # The DoRA op's own kernels (csrc/cuda/dora.cu) are plain elementwise and
+    # column-sum kernels, built with ATen's types (so not run by the emulation
+    # harness): each instantiation is there and none touches local memory.
+    kernels, local = _compiled_kernels("dora_")
+    for family in (
+        "dora_scale_columns_kernel",
+        "dora_column_pass_kernel",
+        "dora_masked_rows_kernel",
+    ):
+        assert any(family in name for name in kernels), f"no {family} in the extension"
+    for name, body in kernels.items():
+        assert not re.search(r"\b(?:LDL|STL)\b", body), f"{name}: local memory (spills)"
+    assert len(local) == len(kernels) and all(int(n) == 0 for _, n in local), local

@@ -1,9 +1,13 @@
 """The compiled extension: it is built and registers its CPU kernels where the
-test command built it, and the package degrades clearly where it is missing."""
+test command built it, and the package degrades clearly where it is missing;
+the DoRA op pair's C++ entry points check their arguments, and its host plan
+(csrc/dora_plan.h) matches float64 on every path, allocates no M×N buffer
+beyond its outputs and runs one base GEMM each way."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +16,8 @@ import torch
 
 import lora_kernels
 from lora_kernels.backends import extension
+
+from lora_testing import make_problem
 
 # Set by the project's test command (make test / .ci/run), which builds the
 # extension first: there a missing extension is a failure, not a skip.
@@ -95,3 +101,274 @@ def test_cpu_mask_generators_bit_exact(generator):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------
+# The DoRA op pair's C++ entry points and host plan (csrc/dora_plan.h)
+# --------------------------------------------------------------------------
+
+_HAS_DORA_CPU = pytest.mark.skipif(
+    not extension.has_kernel("dora_forward", "CPU"), reason="C++ DoRA kernels not built"
+)
+_DORA_OPS = torch.ops.lora_kernels
+
+
+def _dora_args(M=4, K=8, N=6, r=2):
+    return {
+        "x": torch.randn(M, K),
+        "weight": torch.randn(N, K),
+        "bias": None,
+        "lora_A": torch.randn(r, K),
+        "lora_B": torch.randn(N, r),
+        "g": torch.rand(N) + 0.5,
+        "scaling": 1.0,
+        "dropout_p": 0.0,
+        "seed": None,
+        "grad_y": torch.randn(M, N),
+        "Z": torch.randn(M, N),
+    }
+
+
+def _dora_forward(**overrides):
+    a = {**_dora_args(), **overrides}
+    return _DORA_OPS.dora_forward(
+        a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["g"], a["scaling"],
+        a["dropout_p"], a["seed"],
+    )  # fmt: skip
+
+
+def _dora_backward(**overrides):
+    a = {**_dora_args(), **overrides}
+    return _DORA_OPS.dora_backward(
+        a["grad_y"], a["x"], a["weight"], a["lora_A"], a["lora_B"], a["g"], a["Z"],
+        a["scaling"], a["dropout_p"], a["seed"], [True] * 5,
+    )  # fmt: skip
+
+
+DORA_BAD_INPUTS = {
+    "x-rank": (_dora_forward, {"x": torch.randn(8)}, "x must be 2-D"),
+    "x-dtype": (_dora_forward, {"x": torch.randn(4, 8).int()}, "x must be float32"),
+    "weight-shape": (_dora_forward, {"weight": torch.randn(6, 5)}, "weight must be (N, K)"),
+    "weight-dtype": (_dora_forward, {"weight": torch.randn(6, 8).double()}, "weight must be"),
+    "bias-shape": (_dora_forward, {"bias": torch.randn(5)}, "bias must be (N,)"),
+    "bias-dtype": (_dora_forward, {"bias": torch.randn(6).double()}, "bias must be"),
+    "A-shape": (_dora_forward, {"lora_A": torch.randn(2, 7)}, "lora_A must be (r, K)"),
+    "B-shape": (_dora_forward, {"lora_B": torch.randn(6, 3)}, "lora_B must be (N, r)"),
+    "B-dtype": (_dora_forward, {"lora_B": torch.randn(6, 2).double()}, "lora_B must be"),
+    "g-shape": (_dora_forward, {"g": torch.rand(5)}, "g must be (N,) with N = 6"),
+    "g-rank": (_dora_forward, {"g": torch.rand(1, 6)}, "g must be (N,)"),
+    "g-dtype": (_dora_forward, {"g": torch.rand(6).double()}, "g must be Float (x's dtype)"),
+    "g-device": (_dora_forward, {"g": torch.rand(6, device="meta")}, "g is on meta but x"),
+    "scaling": (_dora_forward, {"scaling": float("nan")}, "scaling must be finite"),
+    "seed-missing": (_dora_forward, {"dropout_p": 0.5}, "seed is required when dropout_p > 0"),
+    "seed-dtype": (
+        _dora_forward,
+        {"dropout_p": 0.5, "seed": torch.tensor([1.0])},
+        "seed must be an int64 tensor with one element",
+    ),
+    "dropout-range": (_dora_forward, {"dropout_p": 1.0}, "dropout_p must be in [0, 1)"),
+    "grad-shape": (_dora_backward, {"grad_y": torch.randn(4, 5)}, "grad_y must be (M, N)"),
+    "grad-dtype": (_dora_backward, {"grad_y": torch.randn(4, 6).double()}, "grad_y must be"),
+    "Z-shape": (_dora_backward, {"Z": torch.randn(3, 6)}, "Z must be (M, N) = (4, 6)"),
+    "Z-dtype": (_dora_backward, {"Z": torch.randn(4, 6).double()}, "Z must be Float (x's"),
+    "Z-device": (_dora_backward, {"Z": torch.randn(4, 6, device="meta")}, "Z is on meta but x"),
+    "backward-g": (_dora_backward, {"g": torch.rand(7)}, "g must be (N,)"),
+    "backward-seed": (_dora_backward, {"dropout_p": 0.1}, "seed is required when dropout_p > 0"),
+}
+
+
+@_HAS_DORA_CPU
+@pytest.mark.parametrize("case", list(DORA_BAD_INPUTS))
+def test_dora_entry_points_check_arguments(case):
+    call, overrides, message = DORA_BAD_INPUTS[case]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call(**overrides)
+
+
+@_HAS_DORA_CPU
+def test_dora_is_a_capability_of_the_backends_with_its_kernels():
+    for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        backend = lora_kernels.ops.registry.get_backend(name)
+        assert (backend.dora is not None) == extension.has_kernel("dora_forward", key), name
+    chosen = lora_kernels.ops.registry.resolve_backend("auto", torch.randn(2, 3), dora=True)
+    assert chosen.name == "cpu"
+
+
+# Shapes that take every path of the CPU plan: several row blocks of the
+# dropped products (128 rows) and of the dy pass, panel tails (64 columns of
+# W0 per panel), K not a multiple of 4, the sparse (p <= 1/4, M >= 256) and
+# the dense dropped products, dx's GEMM on dy⊙coef (K >= M) or on coef⊙W0.
+_PLAN_CASES = [
+    pytest.param(M, K, N, p, bias, id=f"M{M}-K{K}-N{N}-p{p}-{'bias' if bias else 'nobias'}")
+    for M, K, N, p, bias in [
+        (300, 70, 150, 0.0, True),
+        (300, 70, 150, 0.1, True),
+        (300, 70, 150, 0.25, False),
+        (300, 70, 150, 0.5, True),
+        (385, 33, 65, 0.1, False),
+        (60, 70, 50, 0.0, True),
+        (60, 70, 50, 0.2, False),
+        (7, 5, 3, 0.9, True),
+    ]
+]
+
+
+def _dora_problem(M, K, N, p, bias, dtype, adapter_dtype=None, strided=False):
+    prob = make_problem(M, K, N, 4, bias=bias).cast(dtype, adapter_dtype)
+    x = prob.x
+    if strided:  # a column-major view
+        x = x.t().contiguous().t()
+    g = (1.0 + 0.5 * torch.rand(N, dtype=torch.float64)).to(prob.lora_A.dtype)
+    seed = torch.tensor([2**40 + 17]) if p > 0 else None
+    fwd = (x, prob.weight, prob.bias, prob.lora_A, prob.lora_B, g, prob.scaling, p, seed)
+    return fwd, prob.grad_y
+
+
+def _float64(args):
+    return [
+        a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    ]
+
+
+@_HAS_DORA_CPU
+@pytest.mark.parametrize(
+    ("dtype", "adapter_dtype", "strided"),
+    [
+        (torch.float64, None, False),
+        (torch.float32, None, True),
+        (torch.bfloat16, torch.float32, False),
+    ],
+    ids=["fp64", "fp32-strided-x", "bf16-fp32-adapters"],
+)
+@pytest.mark.parametrize(("M", "K", "N", "p", "bias"), _PLAN_CASES)
+def test_dora_plan_matches_float64_reference(M, K, N, p, bias, dtype, adapter_dtype, strided):
+    from lora_kernels.backends.torch import reference
+
+    fwd, grad_y = _dora_problem(M, K, N, p, bias, dtype, adapter_dtype, strided)
+    y, Z = _DORA_OPS.dora_forward(*fwd)
+    ref_y, ref_Z = reference.dora_forward(*_float64(fwd))
+    x, weight, _, lora_A, lora_B, g, s, _, seed = fwd
+    mask = [True] * 5
+    grads = _DORA_OPS.dora_backward(grad_y, x, weight, lora_A, lora_B, g, Z, s, p, seed, mask)
+    ref = reference.dora_backward(
+        *_float64((grad_y, x, weight, lora_A, lora_B, g, Z)), s, p, seed, mask
+    )
+    tolerance = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
+    names = ("y", "Z", "dx", "db", "dA", "dB", "dg")
+    for name, got, want in zip(names, (y, Z, *grads), (ref_y, ref_Z, *ref), strict=True):
+        assert got.shape == want.shape, name
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(
+            got.double(), want, rtol=tolerance, atol=tolerance * scale, msg=name
+        )
+    # Unrequested gradients are empty and take no work.
+    partial = _DORA_OPS.dora_backward(
+        grad_y, x, weight, lora_A, lora_B, g, Z, s, p, seed, [False, True, False, False, True]
+    )
+    assert [partial[i].numel() for i in (0, 2, 3)] == [0, 0, 0]
+    torch.testing.assert_close(partial[1], grads[1], rtol=0, atol=0)
+    torch.testing.assert_close(partial[4], grads[4], rtol=0, atol=0)
+
+
+@_HAS_DORA_CPU
+def test_dora_plan_is_bitwise_reproducible():
+    fwd, grad_y = _dora_problem(300, 70, 150, 0.1, True, torch.float32)
+    x, weight, _, lora_A, lora_B, g, s, p, seed = fwd
+    runs = []
+    for _ in range(2):
+        y, Z = _DORA_OPS.dora_forward(*fwd)
+        grads = _DORA_OPS.dora_backward(
+            grad_y.float(), x, weight, lora_A, lora_B, g, Z, s, p, seed, [True] * 5
+        )
+        runs.append((y, Z, *grads))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def _profiled(fn):
+    """fn() under the profiler: its allocations (bytes, every thread) and GEMM calls
+    (the m·k·n of each aten::mm / addmm / addmm_), the kernel's own ATen calls included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True
+    ) as prof:
+        fn()
+    allocations = [
+        e.nbytes()
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.nbytes() > 0
+    ]
+    gemms = []
+    for event in prof.events():
+        if event.name in ("aten::mm", "aten::addmm", "aten::addmm_"):
+            shapes = [s for s in event.input_shapes if len(s) == 2]
+            a, b = (shapes[1], shapes[2]) if event.name != "aten::mm" else (shapes[0], shapes[1])
+            gemms.append(a[0] * a[1] * b[1])
+    return allocations, gemms
+
+
+@_HAS_DORA_CPU
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_dora_plan_allocates_no_m_by_n_buffers_beyond_its_outputs(p):
+    # K < N: an M×N buffer is the biggest there is, and anything of half an
+    # M×K buffer or more would be x̃ or a copy of an input.
+    M, K, N = 1024, 96, 160
+    fwd, grad_y = _dora_problem(M, K, N, p, True, torch.float32)
+    x, weight, _, lora_A, lora_B, g, s, _, seed = fwd
+    m_by_n, half_m_by_k = M * N * 4, M * K * 4 // 2
+    y_Z = []
+    allocations, _ = _profiled(lambda: y_Z.extend(_DORA_OPS.dora_forward(*fwd)))
+    assert sorted(a for a in allocations if a >= half_m_by_k) == [m_by_n, m_by_n]  # y, Z
+    Z = y_Z[1]
+    grad_y = grad_y.float()
+    allocations, _ = _profiled(
+        lambda: _DORA_OPS.dora_backward(
+            grad_y, x, weight, lora_A, lora_B, g, Z, s, p, seed, [True] * 5
+        )
+    )
+    # grad_x alone: with K < M the GEMM takes W0's rows ⊙(1 + (g−1)/(1−p)), N×K.
+    assert sorted(a for a in allocations if a >= half_m_by_k) == [M * K * 4]
+
+
+@_HAS_DORA_CPU
+def test_dora_plan_scales_dy_when_it_is_smaller_than_w0():
+    # K >= M: the GEMM's input is dy⊙g (M×N), the one buffer beyond grad_x.
+    M, K, N = 256, 512, 384
+    fwd, grad_y = _dora_problem(M, K, N, 0.0, True, torch.float32)
+    x, weight, _, lora_A, lora_B, g, s, _, seed = fwd
+    _, Z = _DORA_OPS.dora_forward(*fwd)
+    grad_y = grad_y.float()
+    allocations, _ = _profiled(
+        lambda: _DORA_OPS.dora_backward(
+            grad_y, x, weight, lora_A, lora_B, g, Z, s, 0.0, seed, [True] * 5
+        )
+    )
+    assert sorted(a for a in allocations if a >= M * K * 4 // 2) == [M * N * 4, M * K * 4]
+
+
+@_HAS_DORA_CPU
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_dora_plan_runs_one_base_gemm_each_way(p):
+    # One M·K·N GEMM per direction. At p = 0 the rest is rank-r work; with
+    # dropout the dropped product is either a fraction p of a GEMM's work on the
+    # dropped elements (the CPU, p <= 1/4) or GEMMs of row blocks (p > 1/4).
+    M, K, N = 1024, 96, 160
+    base = M * K * N
+    fwd, grad_y = _dora_problem(M, K, N, p, True, torch.float32)
+    x, weight, _, lora_A, lora_B, g, s, _, seed = fwd
+    y_Z = []
+    _, forward = _profiled(lambda: y_Z.extend(_DORA_OPS.dora_forward(*fwd)))
+    _, backward = _profiled(
+        lambda: _DORA_OPS.dora_backward(
+            grad_y.float(), x, weight, lora_A, lora_B, g, y_Z[1], s, p, seed, [True] * 5
+        )
+    )
+    for gemms in (forward, backward):
+        assert gemms.count(base) == 1, gemms
+        rest = [v for v in gemms if v != base]
+        assert max(rest) < base, gemms
+        if p > 0.25:
+            assert base <= sum(rest) < 1.25 * base, gemms  # the row blocks, and rank r
+        else:
+            assert sum(rest) < 0.25 * base, gemms
