@@ -153,6 +153,8 @@ def auto_order(device: torch.device) -> tuple[str, ...]:
             if preference.gpu in name:
                 return preference.order
     return AUTO_ORDER.get(device.type, DEFAULT_ORDER)
+
+
 BACKEND_NAMES: tuple[str, ...] = ("auto", *_PACKAGES)
 
 _LOADED: dict[str, Backend] = {}
