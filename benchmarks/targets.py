@@ -57,6 +57,14 @@ DORA_CPU_STEP = {k: v for k, v in CPU_STEP.items() if k != "dropout"}
 DORA_CPU_OVER_PEFT = {0.0: 1.2, 0.1: 1.6}  # per dropout
 DORA_CPU_OVER_BASE = 1.12  # at dropout 0
 DORA_CPU_SAVED_OVER_PEFT = 0.5  # saved bytes beyond x ÷ peft's DoRA layer's: below
+# The cuda backend's cuBLAS plan (cuBLAS for every large product, the LoRA terms
+# added through beta = 1, memory-bound rank-r passes): at the anchor problem,
+# at dropout 0 and 0.1, against the base and peft (bf16 adapters).
+CUDA_PLAN_BACKEND = "cuda"
+CUDA_PLAN_FORWARD_OVER_BASE = 1.05
+CUDA_PLAN_STEP_OVER_BASE = 1.12
+CUDA_PLAN_STEP_OVER_PEFT = 1.3  # at dropout 0.1
+CUDA_PLAN_PEFT_DROPOUT = 0.1
 
 
 @dataclass
@@ -311,6 +319,71 @@ def cpu_dora_checks(rows: Sequence[Row], provider: str) -> list[Check]:
     return checks
 
 
+def _anchor_problem(row: Row) -> bool:
+    """Whether ``row`` is the anchor problem (at any dropout) on a dense bf16/fp16 base
+    with adapters in the layer's dtype."""
+    return (
+        row.dtype in ("bf16", "fp16")
+        and row.adapter_dtype == row.dtype
+        and row.quant == "none"
+        and _is_lora(row)
+        and all(getattr(row, k) == v for k, v in ANCHOR.items() if k != "dropout")
+    )
+
+
+def cuda_plan_checks(rows: Sequence[Row], provider: str) -> list[Check]:
+    """The targets of the cuda backend's cuBLAS plan (see benchmarks/README.md,
+    "Targets"): at the anchor, forward and training step against the base at
+    each dropout, the step against peft at dropout 0.1; and over every problem
+    of the run with a peft row, the fused step never slower than peft's."""
+    backend = provider.removeprefix(LORA_KERNELS_PREFIX)
+    medians = _medians(rows)
+    groups = {r.group: r for r in rows if r.mode in (FORWARD, FORWARD_BACKWARD)}
+    checks = []
+    for group, row in groups.items():
+        if not _anchor_problem(row):
+            continue
+        ours = medians.get((group, provider))
+        where = f"anchor {row.precision} p={row.dropout:g}"
+        if row.mode == FORWARD:
+            limit = CUDA_PLAN_FORWARD_OVER_BASE
+            label = f"cuBLAS plan forward ÷ base ≤ {limit:.2f}: {where}"
+        else:
+            limit = CUDA_PLAN_STEP_OVER_BASE
+            label = f"cuBLAS plan step ÷ base ≤ {limit:.2f}: {where}"
+        ratio = _ratio(ours, medians.get((group, "base")))
+        checks.append(_ratio_check(backend, label, ratio, limit, at_least=False))
+        if row.mode == FORWARD_BACKWARD and row.dropout == CUDA_PLAN_PEFT_DROPOUT:
+            limit = CUDA_PLAN_STEP_OVER_PEFT
+            checks.append(
+                _ratio_check(
+                    backend,
+                    f"cuBLAS plan step × peft ≥ {limit:g}: {where}",
+                    _ratio(medians.get((group, "peft")), ours),
+                    limit,
+                    at_least=True,
+                )
+            )
+    # Never slower than peft: the smallest speedup over every problem that has both.
+    speedups = {
+        group: _ratio(medians.get((group, "peft")), medians.get((group, provider)))
+        for group, row in groups.items()
+        if row.quant == "none" and _is_lora(row) and row.adapter_dtype == row.dtype
+    }
+    measured = {group: v for group, v in speedups.items() if v is not None}
+    if measured:
+        worst = min(measured, key=measured.get)
+        row = groups[worst]
+        label = (
+            f"cuBLAS plan × peft ≥ 1 on all {len(measured)} problems (worst: {row.mode} "
+            f"{row.in_features}→{row.out_features} M={row.tokens} r={row.rank} p={row.dropout:g})"
+        )
+        checks.append(_ratio_check(backend, label, measured[worst], 1.0, at_least=True))
+    else:
+        checks.append(Check(backend, "cuBLAS plan × peft ≥ 1 on every problem", None, False))
+    return checks
+
+
 def check(rows: Sequence[Row]) -> list[Check]:
     """Every target that applies to the rows' problems, per fused backend."""
     medians = _medians(rows)
@@ -362,6 +435,8 @@ def check(rows: Sequence[Row]) -> list[Check]:
                 )
         checks += qlora_checks(rows, provider)
         checks += dora_checks(rows, provider)
+        if backend == CUDA_PLAN_BACKEND:
+            checks += cuda_plan_checks(rows, provider)
         if backend == "cpu":
             checks += cpu_checks(rows, provider)
             checks += cpu_dora_checks(rows, provider)
