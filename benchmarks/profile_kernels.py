@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
-from . import _cli
+from . import _cli, bandwidth
 from .cases import (
     ADAPTER_DTYPES,
     DTYPES,
@@ -34,6 +34,9 @@ from .run import make_task
 from .timing import Task
 
 DEFAULT_PROVIDERS = ("base", "peft", "lora_kernels")
+# The provider whose memory-bound kernels are checked against the copy bandwidth
+# (benchmarks/bandwidth.py): the cuda backend, whose kernel names it knows.
+STREAMING_PROVIDER = "lora_kernels:cuda"
 WARMUP_STEPS = 2
 TOP_ROWS = 15
 NAME_WIDTH = 60
@@ -339,6 +342,16 @@ def format_block(
     return "\n".join(lines)
 
 
+def bandwidth_block(profile: ProviderProfile, problem: Problem, device: torch.device) -> str:
+    """The streaming kernels' bandwidth and the full-size copies of a cuda profile."""
+    copy_bps = bandwidth.copy_bandwidth(device)
+    return bandwidth.format_bandwidths(
+        bandwidth.streaming_bandwidths(profile.rows, problem, copy_bps),
+        bandwidth.full_size_copies(profile.rows, problem, copy_bps),
+        copy_bps,
+    )
+
+
 def format_summary(profiles: Sequence[ProviderProfile], device: torch.device) -> str:
     count = "launches/step" if device.type == "cuda" else "ops/step"
     body = []
@@ -473,6 +486,8 @@ def run(argv: Sequence[str] | None = None) -> list[ProviderProfile]:
         )
         profiles.append(profile)
         block = format_block(profile, context, device, args.timing_steps)
+        if device.type == "cuda" and provider.name == STREAMING_PROVIDER and profile.rows:
+            block += "\n" + bandwidth_block(profile, problem, device)
         print()
         print(block, flush=True)
         if args.out is not None:
