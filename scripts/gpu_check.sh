@@ -11,8 +11,8 @@
 # peers) are installed first into a private folder; without them the QLoRA
 # rows of bitsandbytes and peft are skipped, lora_kernels' still run.
 # Writes under $OUT: summary.txt, env.txt, build.log, pytest_gpu.log,
-# pytest_backends.log, pytest_triton_nf4.log, first_call.{log,json}, profile/,
-# profile_qlora/ and profile_persistent/ (one table per provider and a CSV),
+# pytest_backends.log, pytest_triton_nf4.log, first_call.{log,json}, profile_p0.1/,
+# profile_p0/, profile_qlora/ and profile_persistent/ (one table per provider and a CSV),
 # benchmark.log, bench/results.{csv,jsonl} and targets.txt. Each step runs
 # under its own time cap and the whole script stops starting work after
 # GPU_CHECK_BUDGET_S seconds (default 520): the benchmark runs one token count
@@ -126,7 +126,7 @@ step "pytest cuda/triton backends" 120 "$OUT/pytest_backends.log" \
 step "pytest triton NF4 GEMMs" 90 "$OUT/pytest_triton_nf4.log" \
   "${PYTEST[@]}" -m "not gpu" -k test_triton_nf4 || FAILED=1
 
-# The anchor token count first, then the first-call and per-kernel figures,
+# The anchor token count first, then the per-kernel and first-call figures,
 # then the other token counts as far as the time allows.
 bench_args=(--preset targets --device cuda --results-dir "$OUT/bench" --no-progress --rep-ms 30)
 bench() {
@@ -134,10 +134,16 @@ bench() {
     "$PYTHON" -m benchmarks.run "${bench_args[@]}" --tokens "$1" || true
 }
 bench 8192
+# Kernel by kernel at the anchor, dropout 0.1 and 0: base, peft and both fused
+# backends; the cuda backend's streaming kernels against the copy bandwidth and
+# the check that its beta = 1 GEMMs leave no full-size copy (benchmarks/bandwidth.py).
+for p in 0.1 0; do
+  step "per-kernel profile p=$p" 60 "$OUT/profile.log" \
+    "$PYTHON" -m benchmarks.profile_kernels --dropout "$p" --steps 3 --timing-steps 5 \
+    --providers base peft lora_kernels:triton lora_kernels:cuda --out "$OUT/profile_p$p" || true
+done
 step "first call on a new shape" 60 "$OUT/first_call.log" \
   "$PYTHON" -m benchmarks.first_call --json "$OUT/first_call.json" || true
-step "per-kernel profile" 60 "$OUT/profile.log" \
-  "$PYTHON" -m benchmarks.profile_kernels --out "$OUT/profile" || true
 step "benchmark qlora" 150 "$OUT/benchmark.log" \
   "$PYTHON" -m benchmarks.run --preset qlora --device cuda --results-dir "$OUT/bench" \
   --no-progress --rep-ms 30 || true
@@ -160,6 +166,8 @@ if [[ -f "$OUT/bench/results.jsonl" ]]; then
   "$PYTHON" -m benchmarks.targets --input "$OUT/bench/results.jsonl" >"$OUT/targets.txt" 2>&1 || true
 fi
 
+grep -hE "^== |streaming |full-size copies|copy bandwidth" "$OUT"/profile_p*/profile_lora_kernels_cuda.txt \
+  >>"$SUMMARY" 2>/dev/null || echo "cuda streaming kernels: no cuda profile" >>"$SUMMARY"
 echo "total: $(($(date +%s) - START_S)) s, failed=$FAILED" >>"$SUMMARY"
 cat "$SUMMARY"
 tail -n 40 "$OUT/first_call.log" 2>/dev/null | grep -E "first call|backend|yes|no" | tail -n 6
