@@ -43,8 +43,6 @@ bool lora_grads_tensor_core(const at::Tensor& dS, const at::Tensor& x, const at:
   const float dA_scale = dA_out ? static_cast<float>(dA_out->epilogue_scale()) : 1.0f;
   uint16_t* G_data = with_G ? static_cast<uint16_t*>(G->mutable_data_ptr()) : nullptr;
   const bool g_vectorized = K % 8 == 0 && reinterpret_cast<uintptr_t>(G_data) % 16 == 0;
-  const int64_t shared_bytes =
-      tc::lora_grads_shared_floats(BR, with_G) * static_cast<int64_t>(sizeof(float));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   auto run = [&](auto format, auto adapter, auto with_g) {
@@ -54,11 +52,16 @@ bool lora_grads_tensor_core(const at::Tensor& dS, const at::Tensor& x, const at:
     const tc::Matrix<AdapterT> A_matrix =
         kWithG ? tensor_core_matrix<AdapterT>(A) : tc::Matrix<AdapterT>{nullptr, 0, 0, false};
     dispatch_rank_tile(r, [&](auto br) {
-      constexpr int kBR = decltype(br)::value;
       dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
         constexpr bool kDropout = decltype(with_dropout)::value;
         dispatch_index(largest, [&](auto index) {
           using Index = decltype(index);
+          // With int64 offsets a rank tile of 32 runs as one of 64 (one rank
+          // tile either way): ptxas kept a stack frame for the 32 variant.
+          constexpr int kBR =
+              sizeof(Index) == 8 && decltype(br)::value == 32 ? 64 : decltype(br)::value;
+          const int64_t shared_bytes =
+              tc::lora_grads_shared_floats(kBR, kWithG) * static_cast<int64_t>(sizeof(float));
           // G's wider rank tiles are never launched (excluded above).
           if constexpr (!kWithG || tc::fuses_G(kBR, sizeof(Index) == 8)) {
             const auto kernel =
