@@ -1,10 +1,11 @@
 // Building blocks of the tensor-core kernels that need no ATen: 16-bit
 // storage formats and their conversions, 16-byte vector accesses, the dropout
-// keep bits, and the host-side dispatch that picks a kernel's instantiation
-// (rank tile, flags). Free of ATen so that the kernels also compile as host
-// C++ under the CPU emulation harness (tests/backends/cuda_emulation), which defines
-// LORA_CUDA_EMULATION and supplies host versions of the CUDA built-ins used
-// here; the harness launches them through the same dispatch.
+// keep bits, dynamic shared memory, and the host-side dispatch that picks a
+// kernel's instantiation (rank tile, index width, flags). Free of ATen so
+// that the kernels also compile as host C++ under the CPU emulation harness
+// (tests/backends/cuda_emulation), which defines LORA_CUDA_EMULATION and
+// supplies host versions of the CUDA built-ins used here; the harness
+// launches them through the same dispatch.
 #pragma once
 
 #include <cstdint>
@@ -91,24 +92,34 @@ LORA_DEVICE uint32_t philox_word(const PhiloxOutput& out, int i) {
   return i == 0 ? out.c[0] : i == 1 ? out.c[1] : i == 2 ? out.c[2] : out.c[3];
 }
 
+// Philox output for counter quad = i >> 2 of flattened element index i. A
+// 32-bit index (every kernel's offsets below 2^31) has a zero high word.
+template <typename Index>
+LORA_DEVICE PhiloxOutput philox_of_quad(uint64_t seed, Index quad) {
+  if constexpr (sizeof(Index) == 4) {
+    return philox4x32(seed, static_cast<uint32_t>(quad), 0u);
+  } else {
+    return philox4x32(seed, static_cast<uint32_t>(quad),
+                      static_cast<uint32_t>(static_cast<uint64_t>(quad) >> 32));
+  }
+}
+
 // Keep bits of the four consecutive flattened elements base .. base+3 (bit c
 // set iff element base+c is kept). The four share one Philox call when base is
 // a multiple of 4 (any row when K % 4 == 0) and need two otherwise. Elements
 // past the end of a row belong to the next row; callers ignore their bits.
-LORA_DEVICE uint32_t keep_bits4(uint64_t seed, int64_t base, uint32_t threshold) {
-  const uint64_t quad = static_cast<uint64_t>(base) >> 2;
+template <typename Index>
+LORA_DEVICE uint32_t keep_bits4(uint64_t seed, Index base, uint32_t threshold) {
+  const Index quad = base >> 2;
   const int offset = static_cast<int>(base & 3);
-  const PhiloxOutput first =
-      philox4x32(seed, static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32));
+  const PhiloxOutput first = philox_of_quad(seed, quad);
   uint32_t bits = 0;
   if (offset == 0) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) bits |= static_cast<uint32_t>(first.c[c] >= threshold) << c;
     return bits;
   }
-  const uint64_t next_quad = quad + 1;
-  const PhiloxOutput second = philox4x32(seed, static_cast<uint32_t>(next_quad),
-                                         static_cast<uint32_t>(next_quad >> 32));
+  const PhiloxOutput second = philox_of_quad(seed, static_cast<Index>(quad + 1));
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
     const int word = offset + c;
@@ -117,6 +128,27 @@ LORA_DEVICE uint32_t keep_bits4(uint64_t seed, int64_t base, uint32_t threshold)
   }
   return bits;
 }
+
+// Keep bits of the eight consecutive flattened elements base .. base+7.
+template <typename Index>
+LORA_DEVICE uint32_t keep_bits8(uint64_t seed, Index base, uint32_t threshold) {
+  return keep_bits4(seed, base, threshold) |
+         (keep_bits4(seed, static_cast<Index>(base + 4), threshold) << 4);
+}
+
+// ---------------------------------------------------------------------------
+// Dynamic shared memory
+// ---------------------------------------------------------------------------
+
+#if !defined(LORA_CUDA_EMULATION)
+// The block's dynamic shared memory (the launch's third argument), 128-byte
+// aligned so that every 32-byte aligned offset suits WMMA. The emulation
+// supplies its own (cuda_emulation.h).
+LORA_DEVICE float* dynamic_shared_floats() {
+  extern __shared__ __align__(128) float lora_dynamic_shared[];
+  return lora_dynamic_shared;
+}
+#endif
 
 // ---------------------------------------------------------------------------
 // Instantiation dispatch (host side; the launchers and the emulation harness)
@@ -136,6 +168,19 @@ void dispatch_rank_tile(int64_t r, F&& f) {
     default:
       return f(std::integral_constant<int, 64>{});
   }
+}
+
+// Kernels index in int32 when every offset they form stays below this, and
+// in int64 otherwise: the margin covers the padding of a last tile, 64 rows
+// or columns past an extent.
+constexpr int64_t kInt32IndexLimit = (int64_t{1} << 31) - 4096;
+
+// Calls f(int32_t{}) when `largest_offset` (the largest element offset or
+// flattened index a launch forms) allows, f(int64_t{}) otherwise.
+template <typename F>
+void dispatch_index(int64_t largest_offset, F&& f) {
+  if (largest_offset < kInt32IndexLimit) return f(int32_t{});
+  return f(int64_t{});
 }
 
 template <typename F>

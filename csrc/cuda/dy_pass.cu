@@ -12,9 +12,12 @@
 //     dS_partials[n_chunk][m][j], which only this thread of this block ever
 //     touches (plain read-modify-write in program order, no atomics).
 // The partials are then summed over chunks in a fixed order and scaled by s
-// (reduce_partials.cu), so the result is deterministic. fp16/bf16 inputs run
-// tensor_core::dy_pass_kernel, the same plan with 64 × 32 tiles of dy on
-// tensor cores; this file's SIMT kernel serves fp32 and fp64 inputs.
+// (reduce_partials.cu), so the result is deterministic. This file's SIMT
+// kernel serves fp32 and fp64 inputs. fp16/bf16 inputs run
+// tensor_core::dy_pass_kernel, a streaming kernel on 64 × 64 tiles of dy that
+// keeps its M chunk's dS in shared memory across the N tiles instead
+// (dS_partials written once per block), with chunks sized for one wave of
+// resident blocks (dy_pass_tensor_core).
 #include "lora_cuda_common.cuh"
 #include "lora_cuda_kernels.h"
 
@@ -176,6 +179,61 @@ std::pair<int64_t, int64_t> plane_chunks(int64_t m_tiles, int64_t n_tiles, int64
   return {m_per_chunk, n_per_chunk};
 }
 
+// The tensor-core path: M chunks of as many tiles as the shared memory holds
+// dS for, and as many N chunks as fill the resident slots in one wave.
+void dy_pass_tensor_core(const at::Tensor& grad_y, const at::Tensor& B, const at::Tensor& S,
+                         double scaling, at::Tensor* dS, at::Tensor* grad_B) {
+  namespace tc = tensor_core;
+  const int64_t M = grad_y.size(0), N = grad_y.size(1), r = B.size(1);
+  const int BR = rank_tile(r);
+  const int64_t r_tiles = ceil_div(r, BR);
+  const int64_t m_tiles = ceil_div(M, tc::kDyRows), n_tiles = ceil_div(N, tc::kDyCols);
+  const int64_t m_per_chunk = std::min<int64_t>(m_tiles, tc::dy_pass_max_m_tiles(BR));
+  const int64_t m_chunks = ceil_div(m_tiles, m_per_chunk);
+  const int64_t base_largest = std::max({offset_extent(grad_y), M * r, N * r, m_chunks * N * r});
+  const int64_t n_per_chunk = streaming_tiles_per_chunk(
+      n_tiles, m_chunks * r_tiles, /*min_tiles=*/1,
+      tc::stream_min_blocks(BR, base_largest >= kInt32IndexLimit));
+  const int64_t n_chunks = ceil_div(n_tiles, n_per_chunk);
+  check_grid_yz(n_chunks, "the N chunks of the dy pass");
+  check_grid_yz(r_tiles, "the rank tiles of the dy pass");
+
+  // Both outputs go through partials, reduced and scaled by s.
+  constexpr bool kWriteDirectly = false;
+  std::optional<SplitOutput> dS_out, dB_out;
+  if (dS != nullptr) dS_out.emplace(*dS, n_chunks, at::kFloat, scaling, kWriteDirectly);
+  if (grad_B != nullptr) dB_out.emplace(*grad_B, m_chunks, at::kFloat, scaling, kWriteDirectly);
+  float* dS_partials = dS_out ? dS_out->data<float>() : nullptr;
+  float* dB_partials = dB_out ? dB_out->data<float>() : nullptr;
+  const dim3 grid(static_cast<unsigned>(m_chunks), static_cast<unsigned>(n_chunks),
+                  static_cast<unsigned>(r_tiles));
+  const int64_t shared_bytes =
+      tc::dy_pass_shared_floats(BR, m_per_chunk) * static_cast<int64_t>(sizeof(float));
+  const int64_t largest = std::max(base_largest, n_chunks * M * r);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_16bit_format(grad_y.scalar_type(), [&](auto format) {
+    dispatch_adapter_storage(B, [&](auto adapter) {
+      using AdapterT = decltype(adapter);
+      dispatch_rank_tile(r, [&](auto br) {
+        dispatch_index(largest, [&](auto index) {
+          using Index = decltype(index);
+          const auto kernel =
+              tc::dy_pass_kernel<decltype(format), AdapterT, decltype(br)::value, Index>;
+          allow_dynamic_shared(kernel, shared_bytes);
+          kernel<<<grid, tc::kThreads, shared_bytes, stream>>>(
+              tensor_core_input(grad_y), tensor_core_matrix<AdapterT>(B),
+              tensor_core_matrix<float>(S), static_cast<Index>(M), static_cast<Index>(N),
+              static_cast<Index>(r), static_cast<Index>(m_per_chunk),
+              static_cast<Index>(n_per_chunk), dS_partials, dB_partials);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+  });
+  if (dS_out) dS_out->finish();
+  if (dB_out) dB_out->finish();
+}
+
 }  // namespace
 
 void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& S,
@@ -189,11 +247,10 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
   }
   const at::Tensor B = lora_B.contiguous();
   const at::Tensor S_c = S.contiguous();
-  const bool tensor_cores = uses_tensor_cores(grad_y);
-  const int BR = rank_tile(r);
-  const int64_t r_tiles = ceil_div(r, BR);
-  const int64_t m_tiles = ceil_div(M, tensor_cores ? tensor_core::kDyRows : kTile);
-  const int64_t n_tiles = ceil_div(N, tensor_cores ? tensor_core::kDyCols : kTile);
+  if (uses_tensor_cores(grad_y)) return dy_pass_tensor_core(grad_y, B, S_c, scaling, dS, grad_B);
+  const int64_t r_tiles = ceil_div(r, rank_tile(r));
+  const int64_t m_tiles = ceil_div(M, kTile);
+  const int64_t n_tiles = ceil_div(N, kTile);
   const auto [m_per_chunk, n_per_chunk] = plane_chunks(m_tiles, n_tiles, r_tiles);
   const int64_t m_chunks = ceil_div(m_tiles, m_per_chunk);
   const int64_t n_chunks = ceil_div(n_tiles, n_per_chunk);
@@ -211,38 +268,21 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
                   static_cast<unsigned>(r_tiles));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  // Partials in the accumulate dtype (fp32 for every 16-bit input).
-  dispatch_input_dtype(grad_y.scalar_type(), "grad_y", [&](auto dy_tag, auto acc_tag) {
+  dispatch_exact_input_dtype(grad_y.scalar_type(), "grad_y", [&](auto dy_tag, auto acc_tag) {
     using scalar_t = decltype(dy_tag);
     using acc_t = decltype(acc_tag);
     acc_t* dS_partials = dS_out ? dS_out->data<acc_t>() : nullptr;
     acc_t* dB_partials = dB_out ? dB_out->data<acc_t>() : nullptr;
-    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-      using Format = std::conditional_t<std::is_same_v<scalar_t, at::Half>, Fp16, Bf16>;
-      dispatch_adapter_storage(B, [&](auto adapter) {
-        using AdapterT = decltype(adapter);
-        dispatch_rank_tile(r, [&](auto br) {
-          tensor_core::dy_pass_kernel<Format, AdapterT, decltype(br)::value>
-              <<<grid, tensor_core::kThreads, 0, stream>>>(
-                  tensor_core_input(grad_y), adapter_data<AdapterT>(B),
-                  S_c.const_data_ptr<float>(), M, N, r, m_per_chunk, n_per_chunk, dS_partials,
-                  dB_partials);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+    dispatch_adapter_dtype<scalar_t, acc_t>(B, [&](auto b_tag) {
+      using b_t = decltype(b_tag);
+      dispatch_rank_tile(r, [&](auto br) {
+        dy_pass_kernel<scalar_t, b_t, acc_t, decltype(br)::value><<<grid, kThreads, 0, stream>>>(
+            grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0), grad_y.stride(1),
+            B.const_data_ptr<b_t>(), S_c.const_data_ptr<acc_t>(), M, N, r, m_per_chunk,
+            n_per_chunk, dS_partials, dB_partials);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-    } else {
-      dispatch_adapter_dtype<scalar_t, acc_t>(B, [&](auto b_tag) {
-        using b_t = decltype(b_tag);
-        dispatch_rank_tile(r, [&](auto br) {
-          dy_pass_kernel<scalar_t, b_t, acc_t, decltype(br)::value>
-              <<<grid, kThreads, 0, stream>>>(
-                  grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0), grad_y.stride(1),
-                  B.const_data_ptr<b_t>(), S_c.const_data_ptr<acc_t>(), M, N, r, m_per_chunk,
-                  n_per_chunk, dS_partials, dB_partials);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
-    }
+    });
   });
   if (dS_out) dS_out->finish();
   if (dB_out) dB_out->finish();

@@ -1,7 +1,7 @@
 // grad_A = dSᵀ·x̃ (r×K), the dropout mask regenerated while x is loaded.
 //
-// fp16/bf16 inputs run tensor_core::grad_a_kernel; this file's SIMT kernel
-// serves fp32 and fp64 inputs, with the same split and reduction logic.
+// fp16/bf16 inputs run lora_grads without G (lora_grads.cu); this file's
+// SIMT kernel serves fp32 and fp64 inputs.
 // The reduction runs over M, usually the longest axis, so the grid splits M
 // (split-M) when the r x K tile grid alone would leave SMs idle. A block owns
 // a BR x 64 tile of grad_A for one M range and walks it 32 rows at a time,
@@ -96,30 +96,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The tensor-core path: the same split and reduction logic with its own tiles.
-void grad_a_tensor_core(const at::Tensor& dS, const at::Tensor& x, const DropoutArgs& dropout,
-                        at::Tensor& grad_A) {
-  namespace tc = tensor_core;
-  const int64_t M = x.size(0), K = x.size(1), r = grad_A.size(0);
-  const SplitPlan plan = plan_split(ceil_div(K, tc::kGradACols), r, ceil_div(M, tc::kGradARows),
-                                    kMinMTilesPerSplit, "grad_A", "M");
-  const SplitOutput out(grad_A, plan.splits, dS.scalar_type(), dropout.inv_keep);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_16bit_format(x.scalar_type(), [&](auto format) {
-    dispatch_rank_tile(r, [&](auto br) {
-      dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
-        tc::grad_a_kernel<decltype(format), decltype(br)::value, decltype(with_dropout)::value>
-            <<<plan.grid, tc::kThreads, 0, stream>>>(
-                dS.const_data_ptr<float>(), tensor_core_input(x), out.data<float>(), M, K, r,
-                plan.per_split, static_cast<float>(out.epilogue_scale()), dropout.seed,
-                dropout.threshold);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  });
-  out.finish();
-}
-
 }  // namespace
 
 void grad_a(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
@@ -132,8 +108,9 @@ void grad_a(const at::Tensor& dS, const at::Tensor& x, double dropout_p,
   }
   TORCH_CHECK(grad_A.is_contiguous(), "lora_kernels: grad_A must be contiguous");
   const at::Tensor dS_c = dS.contiguous();
+  if (uses_tensor_cores(x))
+    return lora_grads(dS_c, x, at::Tensor(), dropout_p, seed, /*G=*/nullptr, &grad_A);
   const DropoutArgs dropout = dropout_args(dropout_p, seed);
-  if (uses_tensor_cores(x)) return grad_a_tensor_core(dS_c, x, dropout, grad_A);
   const SplitPlan plan = plan_split(ceil_div(K, kBK), r, ceil_div(M, kBM), kMinMTilesPerSplit,
                                     "grad_A", "M");
   // A single split in the accumulate dtype writes grad_A directly, scaled;

@@ -113,13 +113,35 @@ inline bool uses_tensor_cores(const at::Tensor& input) {
   return input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
 }
 
-// A 2-D fp16/bf16 tensor as the tensor-core kernels read it: rows are read 8
-// elements (16 bytes) at a time when the layout allows.
-inline tensor_core::Input tensor_core_input(const at::Tensor& t) {
-  const bool vectorized = t.stride(1) == 1 && t.stride(0) % 8 == 0 &&
+// A 2-D tensor of T (16-bit bits or fp32) as the tensor-core kernels read it:
+// rows are read 16 bytes at a time when the layout allows (unit column
+// stride, 16-byte aligned base and row stride), element by element otherwise.
+template <typename T>
+tensor_core::Matrix<T> tensor_core_matrix(const at::Tensor& t) {
+  constexpr int64_t kPer = tensor_core::kPerVector<T>;
+  const bool vectorized = t.stride(1) == 1 && t.stride(0) % kPer == 0 &&
                           reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-  return tensor_core::Input{static_cast<const uint16_t*>(t.const_data_ptr()), t.stride(0),
-                            t.stride(1), vectorized};
+  return tensor_core::Matrix<T>{static_cast<const T*>(t.const_data_ptr()), t.stride(0),
+                                t.stride(1), vectorized};
+}
+
+// A 2-D fp16/bf16 input (x or dy) as the tensor-core kernels read it.
+inline tensor_core::Input tensor_core_input(const at::Tensor& t) {
+  return tensor_core_matrix<uint16_t>(t);
+}
+
+// One past the largest element offset a 2-D tensor's strides reach.
+inline int64_t offset_extent(const at::Tensor& t) {
+  return (t.size(0) - 1) * t.stride(0) + (t.size(1) - 1) * t.stride(1) + 1;
+}
+
+// Dynamic shared memory of `bytes` for a launch of `kernel`, which CUDA
+// allows past 48 KB only once the kernel asks for it.
+template <typename Kernel>
+void allow_dynamic_shared(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
 }
 
 // Calls f(Bf16{}) or f(Fp16{}) for a 16-bit input dtype.
@@ -206,19 +228,56 @@ struct SplitPlan {
   int64_t splits;
 };
 
-// `kernel` and `axis` name the kernel and its reduced axis in the grid-limit
-// errors ("the K splits of the shrink"); each split spans at least
-// `min_per_split` of the `reduce_tiles` tiles.
-inline SplitPlan plan_split(int64_t out_tiles, int64_t r, int64_t reduce_tiles,
-                            int64_t min_per_split, const char* kernel, const char* axis) {
-  const int64_t r_tiles = ceil_div(r, rank_tile(r));
-  const int64_t per_split = tiles_per_chunk(reduce_tiles, out_tiles * r_tiles, min_per_split);
+// The plan of `per_split` tiles per split; `kernel` and `axis` name the
+// kernel and its reduced axis in the grid-limit errors ("the K splits of the
+// shrink").
+inline SplitPlan make_split_plan(int64_t out_tiles, int64_t r_tiles, int64_t reduce_tiles,
+                                 int64_t per_split, const char* kernel, const char* axis) {
   const int64_t splits = ceil_div(reduce_tiles, per_split);
   check_grid_yz(r_tiles, "the rank tiles of ", kernel);
   check_grid_yz(splits, "the ", axis, " splits of ", kernel);
   const dim3 grid(static_cast<unsigned>(out_tiles), static_cast<unsigned>(r_tiles),
                   static_cast<unsigned>(splits));
   return {grid, per_split, splits};
+}
+
+// The SIMT kernels' plan: about two waves of blocks, each split spanning at
+// least `min_per_split` of the `reduce_tiles` tiles.
+inline SplitPlan plan_split(int64_t out_tiles, int64_t r, int64_t reduce_tiles,
+                            int64_t min_per_split, const char* kernel, const char* axis) {
+  const int64_t r_tiles = ceil_div(r, rank_tile(r));
+  return make_split_plan(out_tiles, r_tiles, reduce_tiles,
+                         tiles_per_chunk(reduce_tiles, out_tiles * r_tiles, min_per_split),
+                         kernel, axis);
+}
+
+// Resident block slots on this GPU of a streaming tensor-core kernel built
+// for `blocks_per_sm` (its __launch_bounds__).
+inline int64_t streaming_slots(int blocks_per_sm) {
+  return blocks_per_sm *
+         static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+}
+
+// Chunks of `tiles` for a streaming kernel with `other_blocks` blocks per
+// chunk: as many as fit the resident slots in one wave (a partial second wave
+// would leave most SMs idle while it runs), at least one, each of at least
+// `min_tiles` tiles where there are that many; returns tiles per chunk.
+inline int64_t streaming_tiles_per_chunk(int64_t tiles, int64_t other_blocks, int64_t min_tiles,
+                                         int blocks_per_sm) {
+  int64_t chunks = streaming_slots(blocks_per_sm) / std::max<int64_t>(other_blocks, 1);
+  chunks = std::clamp<int64_t>(chunks, 1, std::min(ceil_div(tiles, min_tiles), kMaxGridYZ));
+  return ceil_div(tiles, chunks);
+}
+
+// The streaming kernels' plan: the reduced axis split so that one wave of
+// blocks fills the resident slots.
+inline SplitPlan plan_streaming_split(int64_t out_tiles, int64_t r_tiles, int64_t reduce_tiles,
+                                      int64_t min_per_split, int blocks_per_sm,
+                                      const char* kernel, const char* axis) {
+  return make_split_plan(out_tiles, r_tiles, reduce_tiles,
+                         streaming_tiles_per_chunk(reduce_tiles, out_tiles * r_tiles,
+                                                   min_per_split, blocks_per_sm),
+                         kernel, axis);
 }
 
 // Where the blocks of a split reduction write out = scale · Σ_splits. Direct
@@ -249,8 +308,11 @@ class SplitOutput {
   }
   // The factor the kernel applies to its sums.
   double epilogue_scale() const { return direct_ ? scale_ : 1.0; }
-  void finish() const {
-    if (!direct_) reduce_partials(partials_, scale_, *out_);
+  // Whether the kernel writes `out` itself (one split).
+  bool direct() const { return direct_; }
+  // Sums the partials into `out` (and its copy in a 16-bit dtype, if given).
+  void finish(at::Tensor* out_copy = nullptr) const {
+    if (!direct_) reduce_partials(partials_, scale_, *out_, out_copy);
   }
 
  private:

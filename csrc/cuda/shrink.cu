@@ -1,8 +1,10 @@
 // Shrink: S = x̃·Aᵀ (M×r) with the dropout mask fused into the loads of x.
 //
-// fp16/bf16 inputs run tensor_core::shrink_kernel; this file's SIMT kernel
-// serves fp32 and fp64 inputs. A block computes a BM x BR tile of S over a range of K (split-K when the
-// M x r tile grid alone would leave SMs idle, e.g. small M). Per BK step it
+// fp16/bf16 inputs run tensor_core::shrink_kernel (a streaming kernel,
+// tensor_core_kernels.cuh), which also writes S's copy in x's dtype when
+// asked; this file's SIMT kernel serves fp32 and fp64 inputs. A block
+// computes a BM x BR tile of S over a range of K (split-K when the M x r tile
+// grid alone would leave SMs idle, e.g. small M). Per BK step it
 // stages the masked x tile and the A tile in shared memory, transposed to
 // k-major so that the inner product reads one broadcast word per row and 16
 // consecutive words per rank. Dropped elements are stored as 0 and the
@@ -105,46 +107,65 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The tensor-core path: the same grid and split logic with its own tiles.
+// The tensor-core path: K split so that one wave of blocks fills every SM's
+// resident slots; one split writes S (and its copy) directly.
 void shrink_tensor_core(const at::Tensor& x, const at::Tensor& A, const DropoutArgs& dropout,
-                        at::Tensor& S) {
+                        at::Tensor& S, at::Tensor* S_copy) {
   namespace tc = tensor_core;
   const int64_t M = x.size(0), K = x.size(1), r = A.size(0);
-  const SplitPlan plan = plan_split(ceil_div(M, tc::kShrinkRows), r, ceil_div(K, tc::kShrinkK),
-                                    kMinKTilesPerSplit, "the shrink", "K");
+  // The index width before the partials' extent is known decides the plan.
+  const int64_t base_largest = std::max({offset_extent(x), M * K, r * K});
+  const SplitPlan plan = plan_streaming_split(
+      ceil_div(M, tc::kShrinkRows), ceil_div(r, rank_tile(r)), ceil_div(K, tc::kShrinkK),
+      kMinKTilesPerSplit, tc::stream_min_blocks(rank_tile(r), base_largest >= kInt32IndexLimit),
+      "the shrink", "K");
   const SplitOutput out(S, plan.splits, S.scalar_type(), dropout.inv_keep);
+  uint16_t* copy_data =
+      S_copy != nullptr && out.direct() ? static_cast<uint16_t*>(S_copy->mutable_data_ptr())
+                                        : nullptr;
+  const int64_t largest = std::max(base_largest, plan.splits * M * r);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_16bit_format(x.scalar_type(), [&](auto format) {
     dispatch_adapter_storage(A, [&](auto adapter) {
       using AdapterT = decltype(adapter);
       dispatch_rank_tile(r, [&](auto br) {
         dispatch_bool(dropout.seed != nullptr, [&](auto with_dropout) {
-          tc::shrink_kernel<decltype(format), AdapterT, decltype(br)::value,
-                            decltype(with_dropout)::value><<<plan.grid, tc::kThreads, 0, stream>>>(
-              tensor_core_input(x), adapter_data<AdapterT>(A), out.data<float>(), M, K, r,
-              plan.per_split, static_cast<float>(out.epilogue_scale()), dropout.seed,
-              dropout.threshold);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          dispatch_index(largest, [&](auto index) {
+            using Index = decltype(index);
+            tc::shrink_kernel<decltype(format), AdapterT, decltype(br)::value,
+                              decltype(with_dropout)::value, Index>
+                <<<plan.grid, tc::kThreads, 0, stream>>>(
+                    tensor_core_input(x), tensor_core_matrix<AdapterT>(A), out.data<float>(),
+                    copy_data, static_cast<Index>(M), static_cast<Index>(K),
+                    static_cast<Index>(r), static_cast<Index>(plan.per_split),
+                    static_cast<float>(out.epilogue_scale()), dropout.seed, dropout.threshold);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
     });
   });
-  out.finish();
+  out.finish(S_copy);
 }
 
 }  // namespace
 
 void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
-            const std::optional<at::Tensor>& seed, at::Tensor& S) {
+            const std::optional<at::Tensor>& seed, at::Tensor& S, at::Tensor* S_in_x_dtype) {
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   if (M == 0) return;
+  if (S_in_x_dtype != nullptr)
+    TORCH_CHECK(S_in_x_dtype->scalar_type() == x.scalar_type() && S_in_x_dtype->is_contiguous() &&
+                    S_in_x_dtype->sizes() == S.sizes(),
+                "lora_kernels: the copy of S must be contiguous, S's shape, in x's dtype");
   if (K == 0) {
     S.zero_();
+    if (S_in_x_dtype != nullptr) S_in_x_dtype->zero_();
     return;
   }
   const at::Tensor A = lora_A.contiguous();
   const DropoutArgs dropout = dropout_args(dropout_p, seed);
-  if (uses_tensor_cores(x)) return shrink_tensor_core(x, A, dropout, S);
+  if (uses_tensor_cores(x)) return shrink_tensor_core(x, A, dropout, S, S_in_x_dtype);
   const SplitPlan plan = plan_split(ceil_div(M, kBM), r, ceil_div(K, kBK), kMinKTilesPerSplit,
                                     "the shrink", "K");
   // One split writes S directly with the 1/(1-p) factor; several write
@@ -170,6 +191,8 @@ void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
     });
   });
   out.finish();
+  // fp32 and fp64 x: the copy is S itself in the same dtype.
+  if (S_in_x_dtype != nullptr) S_in_x_dtype->copy_(S);
 }
 
 }  // namespace lora_kernels::cuda

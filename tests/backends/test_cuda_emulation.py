@@ -12,6 +12,9 @@
   every token count, blocksize, tail, split and misaligned pointer.
 * Code: the kernels in the built extension use tensor cores (HMMA), read
   16 bytes at a time and never touch local memory (no spills), by the SASS;
+  the streaming kernels issue at least four 16-byte loads per step, lora_grads
+  stores G 16 bytes at a time, and their r <= 16 int32 instantiations with
+  dropout fit 128 registers (4 resident blocks per SM);
   so do the DoRA op's elementwise and column-sum kernels (csrc/cuda/dora.cu).
 """
 
@@ -70,9 +73,16 @@ def _build_and_run(harness: Path, tmp_path: Path) -> list[str]:
 @pytest.mark.skipif(_compiler() is None, reason="no C++ compiler on this machine")
 def test_tensor_core_kernels_under_emulation(tmp_path):
     cases = _build_and_run(HARNESS, tmp_path)
-    # Every kernel ran over several shapes: 4 kernels' worth of cases, none failed.
-    for kernel in ("shrink", "dy_pass dS", "dy_pass dB", "grad_a", "grad_x"):
-        assert any(line.startswith(f"ok   {kernel} ") for line in cases), kernel
+    # Every output of every kernel ran over several shapes, none failed; the
+    # streaming kernels through both index widths and the element loads of
+    # misaligned inputs.
+    for kernel in ("shrink", "dy_pass dS", "dy_pass dB", "lora_grads G", "lora_grads dA", "grad_x"):
+        runs = [line for line in cases if line.startswith(f"ok   {kernel} ")]
+        assert runs, kernel
+        if kernel != "grad_x":
+            for variant in (" int32", " int64", "misaligned"):
+                assert any(variant in line for line in runs), (kernel, variant)
+    assert any("S copy 0 of" in line for line in cases), "the shrink's copy of S"
 
 
 @pytest.mark.skipif(_compiler() is None, reason="no C++ compiler on this machine")
@@ -131,18 +141,52 @@ def _compiled_kernels(marker: str) -> tuple[dict[str, str], list[tuple[str, str]
     return kernels, local
 
 
+def _registers(marker: str) -> dict[str, int]:
+    """Registers per thread of the extension's kernels whose name contains ``marker``."""
+    usage = subprocess.run(
+        [_cuobjdump(), "-res-usage", str(_extension_path())],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {
+        name: int(regs)
+        for name, regs in re.findall(rf"Function (\S*{marker}\S*):\s*\n?\s*REG:(\d+)", usage)
+    }
+
+
+# The streaming kernels' instantiations for 16-bit adapters, a rank tile of
+# 16, dropout (the dy pass has none) and int32 offsets, by the mangled tail of
+# their template arguments: built for 4 resident blocks per SM
+# (tensor_core::stream_min_blocks).
+_RANK16_INT32 = re.compile(r"EtLi16E(?:Lb1E(?:Lb[01]E)?)?iEEv")
+
+
 @_CUDA_BUILT
 @_HAS_CUOBJDUMP
 def test_tensor_core_kernels_compiled_code():
     kernels, local = _compiled_kernels("tensor_core")
-    families = ("shrink_kernel", "dy_pass_kernel", "grad_a_kernel", "add_grad_x_kernel")
-    for family in families:
+    streaming = ("shrink_kernel", "dy_pass_kernel", "lora_grads_kernel")
+    for family in (*streaming, "add_grad_x_kernel"):
         assert any(family in name for name in kernels), f"no {family} in the extension"
     for name, body in kernels.items():
         assert re.search(r"\bHMMA\.", body), f"{name}: no tensor-core instruction"
         assert re.search(r"\bLDG\.E\.128\b", body), f"{name}: no 128-bit global load"
         assert not re.search(r"\b(?:LDL|STL)\b", body), f"{name}: local memory (spills)"
+        if any(family in name for family in streaming):
+            # The next step's tile of x or dy: four 16-byte loads per thread,
+            # issued together before the current step's products.
+            loads = len(re.findall(r"\bLDG\.E\.128\b", body))
+            assert loads >= 4, f"{name}: {loads} 128-bit loads"
+        if "lora_grads_kernel" in name and re.search(r"Lb[01]ELb1EiEEv", name):
+            # G's stores, int32 offsets (an int64 variant splits some of them).
+            assert re.search(r"\bSTG\.E\.128\b", body), f"{name}: no 128-bit store of G"
     assert local and all(int(n) == 0 for _, n in local), local
+    registers = _registers("tensor_core")
+    anchors = {n: regs for n, regs in registers.items() if _RANK16_INT32.search(n)}
+    assert anchors and all(
+        regs <= 128 for n, regs in anchors.items() if any(f in n for f in streaming)
+    ), anchors
 
 
 @_CUDA_BUILT

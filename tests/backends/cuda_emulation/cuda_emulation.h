@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
+#include <new>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -76,12 +78,19 @@ void warp_exchange(const uint32_t (&mine)[N], uint32_t (&all)[kWarpSize][N]) {
   warp.barrier.arrive_and_wait();  // everyone has read before the table is reused
 }
 
-// Runs kernel(args...) over the grid: blocks in turn, each block's threads
-// concurrently. A kernel that touched memory outside its block's share, or
-// read shared memory before a barrier made it valid, shows up as a wrong
-// result or a sanitizer report.
+// The running block's dynamic shared memory (launch_with_shared).
+inline float* dynamic_shared = nullptr;
+
+// Runs kernel(args...) over the grid with `shared_floats` floats of dynamic
+// shared memory: blocks in turn, each block's threads concurrently. Each
+// block gets a fresh allocation of exactly that size filled with NaN, so
+// that a read past it is a sanitizer report and a read of a word the block
+// never wrote a NaN in the result. A kernel that touched memory outside its
+// block's share, or read shared memory before a barrier made it valid, shows
+// up the same way.
 template <typename Kernel, typename... Args>
-void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
+void launch_with_shared(dim3 grid, dim3 block, size_t shared_floats, Kernel kernel,
+                        Args... args) {
   gridDim = grid;
   blockDim = block;
   const unsigned threads = block.x * block.y * block.z;
@@ -90,6 +99,14 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         std::barrier<> barrier(threads);
         block_barrier = &barrier;
+        // 128-byte aligned like the device's; WMMA's 32-byte rule is checked on it.
+        std::unique_ptr<float[], void (*)(float*)> shared(
+            shared_floats ? static_cast<float*>(::operator new[](
+                                shared_floats * sizeof(float), std::align_val_t{128}))
+                          : nullptr,
+            [](float* p) { ::operator delete[](p, std::align_val_t{128}); });
+        std::fill_n(shared.get(), shared_floats, std::numeric_limits<float>::quiet_NaN());
+        dynamic_shared = shared.get();
         std::vector<std::unique_ptr<Warp>> warps;
         for (unsigned first = 0; first < threads; first += kWarpSize)
           warps.push_back(std::make_unique<Warp>(std::min(kWarpSize, threads - first)));
@@ -105,8 +122,17 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
           });
         for (auto& worker : workers) worker.join();
       }
+  dynamic_shared = nullptr;
+}
+
+// A launch without dynamic shared memory.
+template <typename Kernel, typename... Args>
+void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
+  launch_with_shared(grid, block, 0, kernel, args...);
 }
 }  // namespace lora_kernels::emulation
+
+inline float* dynamic_shared_floats() { return lora_kernels::emulation::dynamic_shared; }
 
 inline void __syncthreads() { lora_kernels::emulation::block_barrier->arrive_and_wait(); }
 

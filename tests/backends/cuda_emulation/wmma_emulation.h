@@ -62,6 +62,15 @@ void load_matrix_sync(fragment<Use, 16, 16, 8, precision::tf32, Layout>& f, cons
           std::is_same_v<Layout, row_major> ? p[i * ldm + j] : p[j * ldm + i];
 }
 
+// An accumulator loaded from memory (row- or column-major).
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 8, float>& f, const float* p,
+                             unsigned ldm, layout_t layout) {
+  check_alignment(p, ldm);
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j)
+      f.x[i * 16 + j] = layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i];
+}
+
 inline void fill_fragment(fragment<accumulator, 16, 16, 8, float>& f, float value) {
   for (float& v : f.x) v = value;
 }
