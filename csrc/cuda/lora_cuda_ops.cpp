@@ -92,21 +92,6 @@ struct CudaLora : CudaDevice {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
-  return LoraPlan<CudaLora>::forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& S, double scaling,
-    double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 5> output_mask) {
-  return LoraPlan<CudaLora>::backward(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p,
-                                      seed, output_mask);
-}
-
 // Row-block operands of the dense dropped products: about this many bytes,
 // at most this many rows.
 constexpr int64_t kDenseBlockBytes = 64 << 20;
@@ -235,8 +220,8 @@ at::Tensor nf4_linear_small_m_cuda(const at::Tensor& x, const at::Tensor& packed
 }  // namespace lora_kernels::cuda
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  m.impl("lora_forward", &lora_kernels::cuda::lora_forward_cuda);
-  m.impl("lora_backward", &lora_kernels::cuda::lora_backward_cuda);
+  m.impl("lora_forward", &lora_kernels::LoraPlan<lora_kernels::cuda::CudaLora>::forward);
+  m.impl("lora_backward", &lora_kernels::LoraPlan<lora_kernels::cuda::CudaLora>::backward);
   m.impl("dora_forward", &lora_kernels::cuda::dora_forward_cuda);
   m.impl("dora_backward", &lora_kernels::cuda::dora_backward_cuda);
   m.impl("nf4_dequantize", &lora_kernels::cuda::nf4_dequantize_cuda);
