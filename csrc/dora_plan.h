@@ -34,7 +34,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <array>
@@ -43,6 +42,7 @@
 
 #include "dora_checks.h"
 #include "lora_checks.h"
+#include "plan_common.h"
 
 namespace lora_kernels {
 
@@ -123,11 +123,7 @@ struct DoraPlan {
       double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
     check_dora_forward_args(x_in, weight_in, bias_in, lora_A_in, lora_B_in, g_in, scaling,
                             dropout_p, seed);
-    Dev::check_device(x_in);
-    [[maybe_unused]] const auto guard = Dev::guard(x_in);
-    // The dtypes are settled here: internal ATen calls must not be re-cast by
-    // an enclosing autocast region.
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const PlanScope<Dev> scope(x_in);
     // Detached aliases: ATen's out= and in-place calls below refuse inputs
     // that require grad in grad mode.
     const at::Tensor x = x_in.detach(), weight = weight_in.detach();
@@ -167,9 +163,7 @@ struct DoraPlan {
       const std::optional<at::Tensor>& seed, std::array<bool, 5> output_mask) {
     check_dora_backward_args(grad_y_in, x_in, weight_in, lora_A_in, lora_B_in, g_in, Z_in,
                              scaling, dropout_p, seed);
-    Dev::check_device(x_in);
-    [[maybe_unused]] const auto guard = Dev::guard(x_in);
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const PlanScope<Dev> scope(x_in);
     const at::Tensor grad_y = grad_y_in.detach(), x = x_in.detach(), weight = weight_in.detach();
     const at::Tensor lora_A = lora_A_in.detach(), lora_B = lora_B_in.detach();
     const at::Tensor Z = Z_in.detach();
@@ -178,18 +172,15 @@ struct DoraPlan {
     const at::ScalarType acc = accumulate_dtype(x.scalar_type());
     const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
     const bool dropout = dropout_p > 0.0;
-    // Gradients not asked for: distinct empty tensors (outputs must not alias).
-    const auto not_computed = [&] { return at::empty({0}, x.options()); };
-    at::Tensor grad_x = not_computed(), grad_b = not_computed(), grad_A = not_computed();
-    at::Tensor grad_B = not_computed(), grad_g = not_computed();
     if (M == 0) {
-      if (need.x) grad_x = at::empty({0, K}, x.options());
-      if (need.bias) grad_b = at::zeros({N}, x.options());
-      if (need.lora_A) grad_A = at::zeros({r, K}, lora_A.options());
-      if (need.lora_B) grad_B = at::zeros({N, r}, lora_B.options());
-      if (need.g) grad_g = at::zeros({N}, g_in.options());
-      return {grad_x, grad_b, grad_A, grad_B, grad_g};
+      return {need.x ? at::empty({0, K}, x.options()) : not_computed(x),
+              empty_batch_grad(need.bias, {N}, x.options(), x),
+              empty_batch_grad(need.lora_A, {r, K}, lora_A.options(), x),
+              empty_batch_grad(need.lora_B, {N, r}, lora_B.options(), x),
+              empty_batch_grad(need.g, {N}, g_in.options(), x)};
     }
+    at::Tensor grad_x = not_computed(x), grad_b = not_computed(x), grad_A = not_computed(x);
+    at::Tensor grad_B = not_computed(x), grad_g = not_computed(x);
 
     const at::Tensor g = g_in.detach().to(acc);
     const double c = dropout ? 1.0 / (1.0 - dropout_p) : 1.0;

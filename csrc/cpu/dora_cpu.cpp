@@ -1,8 +1,8 @@
 // CPU kernels of lora_kernels::dora_forward / dora_backward: the plan of
 // csrc/dora_plan.h with the CPU device type below.
 //
-//   shrink, dA and the masked dx term   the LoRA passes (lora_forward_cpu.cpp,
-//                                       lora_backward_cpu.cpp), OpenMP row blocks
+//   shrink, dA and the masked dx term   the LoRA passes (shrink_cpu.cpp,
+//                                       lora_grads_cpu.cpp), OpenMP row blocks
 //   the pass over dy                    one row-block pass: dyc, Σdy, Σdy⊙Z, and the
 //                                       rank-r GEMMs dS = s·dy·(g⊙B), dB = s·dyᵀ·S on
 //                                       the block while it is in L2 (per-thread
@@ -247,15 +247,7 @@ int64_t dense_block_rows(int64_t M, int64_t cols, const at::Tensor& like) {
 }
 
 // The CPU device of the DoRA plan (dora_plan.h).
-struct CpuDora {
-  static void check_device(const at::Tensor&) {}
-  static int guard(const at::Tensor&) { return 0; }
-
-  static void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
-                     const std::optional<at::Tensor>& seed, at::Tensor& S) {
-    cpu::shrink(x, lora_A, dropout_p, seed, S);
-  }
-
+struct CpuDora : CpuDevice {
   static DoraDyResult dy_pass(const at::Tensor& grad_y, const at::Tensor& B_g,
                               const at::Tensor& S, const at::Tensor& coef, const at::Tensor& Z,
                               double scaling, const DoraDyRequest& want) {

@@ -1,19 +1,22 @@
-// CUDA implementations of lora_kernels::lora_forward / lora_backward.
+// CUDA implementations of the lora_kernels ops, registered for the CUDA
+// dispatch key below.
 //
-// Plan (docs/architecture.md): cuBLAS through ATen for the large GEMMs, on the
-// current stream and accumulating in place; the custom kernels of this folder
-// for the skinny rank-r work with the fused dropout mask.
+// The LoRA op pair: the plan of csrc/lora_plan.h on the CUDA device CudaLora,
+// cuBLAS through ATen for the two large GEMMs (on the current stream, the
+// LoRA term written into the output first and the GEMM accumulating onto it,
+// beta = 1), the kernels of this folder for the skinny rank-r work with the
+// fused dropout mask:
 //
-// forward:  y = x·W0ᵀ + b            cuBLAS (addmm, bias in the epilogue)
-//           S = x̃·Aᵀ                 shrink kernel, mask fused into the x loads
-//           y += s·S·Bᵀ              cuBLAS addmm_ with beta = 1: no M×N temporary.
-//                                    A custom expand kernel would read and write
-//                                    y exactly as addmm_ does; which is faster
-//                                    is for the benchmark to settle.
+// forward:  S = x̃·Aᵀ                 shrink kernel, mask fused into the x loads
+//           y := s·S·Bᵀ + b          cuBLAS, bias in cuBLASLt's epilogue
+//           y += x·W0ᵀ               cuBLAS addmm_, beta = 1
 // backward: dS, dB                   one kernel reading dy once (dy_pass)
-//           grad_x = dy·W0           cuBLAS, then += D⊙(dS·A)/(1−p) in place (grad_x)
+//           dx := D⊙(dS·A)/(1−p)     grad_x kernel (mask regenerated)
 //           grad_A = dSᵀ·x̃           split-M kernel, mask regenerated (grad_a)
+//           dx += dy·W0              cuBLAS addmm_, beta = 1
 //           grad_W0 = dyᵀ·x, grad_b  ATen, only when asked
+//   Without dropout, 16-bit inputs with 16-bit adapters run dS, dB, dS·A and
+//   dA as cuBLAS GEMMs instead (CudaLora::gemm_products).
 // Nothing synchronises with the host: the seed is read by the kernels.
 //
 // The DoRA op pair: the plan of csrc/dora_plan.h on the CUDA device below,
@@ -36,6 +39,7 @@
 #include "dora_plan.h"
 #include "lora_checks.h"
 #include "lora_cuda_kernels.h"
+#include "lora_plan.h"
 #include "nf4_checks.h"
 
 namespace lora_kernels::cuda {
@@ -46,76 +50,8 @@ void check_on_cuda(const at::Tensor& x) {
               x.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_forward_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
-  check_forward_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
-  check_on_cuda(x);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  // The dtypes were settled by the caller; internal ATen calls must not be
-  // re-cast by an enclosing autocast region.
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-
-  const int64_t M = x.size(0), N = weight.size(0), r = lora_A.size(0);
-  at::Tensor S = at::empty({M, r}, x.options().dtype(accumulate_dtype(x.scalar_type())));
-  if (M == 0) return {at::empty({0, N}, x.options()), S};
-
-  const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor y = has_bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  shrink(x, lora_A, dropout_p, seed, S);
-  // The expand runs in x's dtype like the reference (S rounded to it first).
-  y.addmm_(S.to(x.scalar_type()), lora_B.to(x.scalar_type()).t(), /*beta=*/1,
-           /*alpha=*/scaling);
-  return {y, S};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& S, double scaling,
-    double dropout_p, const std::optional<at::Tensor>& seed, std::array<bool, 5> output_mask) {
-  check_backward_args(grad_y, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed);
-  check_on_cuda(x);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-
-  const GradMask need(output_mask);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
-  // Unrequested gradients: a fresh empty tensor each, so outputs never alias.
-  auto not_computed = [&] { return at::empty({0}, x.options()); };
-  at::Tensor grad_x = not_computed(), grad_W = not_computed(), grad_b = not_computed(),
-             grad_A = not_computed(), grad_B = not_computed();
-
-  if (need.weight) grad_W = at::mm(grad_y.t(), x);  // zeros when M == 0
-  if (need.bias) grad_b = grad_y.sum(0);
-  if (need.lora_B) grad_B = at::empty({N, r}, lora_B.options());
-  if (need.lora_A) grad_A = at::empty({r, K}, lora_A.options());
-  if (M == 0) {
-    if (need.x) grad_x = at::empty({0, K}, x.options());
-    if (need.lora_A) grad_A.zero_();
-    if (need.lora_B) grad_B.zero_();
-    return {grad_x, grad_W, grad_b, grad_A, grad_B};
-  }
-
-  const bool need_dS = need.x || need.lora_A;
-  at::Tensor dS;
-  if (need_dS) dS = at::empty({M, r}, S.options());
-  dy_pass(grad_y, lora_B, S, scaling, need_dS ? &dS : nullptr, need.lora_B ? &grad_B : nullptr);
-  if (need.x) {
-    grad_x = at::mm(grad_y, weight);
-    add_grad_x(dS, lora_A, dropout_p, seed, grad_x);
-  }
-  if (need.lora_A) grad_a(dS, x, dropout_p, seed, grad_A);
-  return {grad_x, grad_W, grad_b, grad_A, grad_B};
-}
-
-// Row-block operands of the dense dropped products: about this many bytes,
-// at most this many rows.
-constexpr int64_t kDenseBlockBytes = 64 << 20;
-constexpr int64_t kDenseBlockRows = 4096;
-
-// The CUDA device of the DoRA plan (dora_plan.h).
-struct CudaDora {
+// What the CUDA device types of the two plans (CudaLora, CudaDora) share.
+struct CudaDevice {
   static void check_device(const at::Tensor& x) { check_on_cuda(x); }
   static c10::cuda::CUDAGuard guard(const at::Tensor& x) {
     return c10::cuda::CUDAGuard(x.device());
@@ -125,7 +61,44 @@ struct CudaDora {
                      const std::optional<at::Tensor>& seed, at::Tensor& S) {
     cuda::shrink(x, lora_A, dropout_p, seed, S);
   }
+};
 
+// The CUDA device of the LoRA plan (lora_plan.h).
+struct CudaLora : CudaDevice {
+  // cuBLASLt adds a bias in the GEMM's epilogue; a rank r + 1 operand would
+  // break the 16-byte row alignment of 16-bit S and B.
+  static constexpr bool kBiasColumn = false;
+  // Without dropout the 16-bit rank-r products are cuBLAS GEMMs, faster than
+  // the skinny kernels of this folder; fp32/fp64 keep those kernels, whose
+  // products are exact in the accumulate dtype whatever the TF32 setting.
+  static bool gemm_products(at::ScalarType dtype) {
+    return dtype == at::kHalf || dtype == at::kBFloat16;
+  }
+
+  static void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& S,
+                      double scaling, at::Tensor* dS, at::Tensor* grad_B) {
+    cuda::dy_pass(grad_y, lora_B, S, scaling, dS, grad_B);
+  }
+
+  // G is written, dA computed from the same mask: for now by the grad_x
+  // kernel, which adds G in place (onto zeros), and the grad_A kernel, each
+  // regenerating the mask; one kernel writing both from one mask replaces the
+  // two calls.
+  static void lora_grads(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& lora_A,
+                         double dropout_p, const std::optional<at::Tensor>& seed, at::Tensor* G,
+                         at::Tensor* grad_A) {
+    if (G != nullptr) add_grad_x(dS, lora_A, dropout_p, seed, G->zero_());
+    if (grad_A != nullptr) grad_a(dS, x, dropout_p, seed, *grad_A);
+  }
+};
+
+// Row-block operands of the dense dropped products: about this many bytes,
+// at most this many rows.
+constexpr int64_t kDenseBlockBytes = 64 << 20;
+constexpr int64_t kDenseBlockRows = 4096;
+
+// The CUDA device of the DoRA plan (dora_plan.h).
+struct CudaDora : CudaDevice {
   static DoraDyResult dy_pass(const at::Tensor& grad_y, const at::Tensor& B_g,
                               const at::Tensor& S, const at::Tensor& coef, const at::Tensor& Z,
                               double scaling, const DoraDyRequest& want) {
@@ -247,8 +220,8 @@ at::Tensor nf4_linear_small_m_cuda(const at::Tensor& x, const at::Tensor& packed
 }  // namespace lora_kernels::cuda
 
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
-  m.impl("lora_forward", &lora_kernels::cuda::lora_forward_cuda);
-  m.impl("lora_backward", &lora_kernels::cuda::lora_backward_cuda);
+  m.impl("lora_forward", &lora_kernels::LoraPlan<lora_kernels::cuda::CudaLora>::forward);
+  m.impl("lora_backward", &lora_kernels::LoraPlan<lora_kernels::cuda::CudaLora>::backward);
   m.impl("dora_forward", &lora_kernels::cuda::dora_forward_cuda);
   m.impl("dora_backward", &lora_kernels::cuda::dora_backward_cuda);
   m.impl("nf4_dequantize", &lora_kernels::cuda::nf4_dequantize_cuda);

@@ -2,10 +2,15 @@
 test command built it, and the package degrades clearly where it is missing;
 the DoRA op pair's C++ entry points check their arguments, and its host plan
 (csrc/dora_plan.h) matches float64 on every path, allocates no M×N buffer
-beyond its outputs and runs one base GEMM each way."""
+beyond its outputs and runs one base GEMM each way; the LoRA op pair's host
+plan (csrc/lora_plan.h) on the CPU accumulates its base GEMMs onto its outputs
+with no copy, computes exactly the requested gradients, and handles empty
+dimensions, bf16 inputs with fp32 adapters and the dropout mask as the torch
+backend does."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -285,9 +290,16 @@ def test_dora_plan_is_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
-def _profiled(fn):
-    """fn() under the profiler: its allocations (bytes, every thread) and GEMM calls
-    (the m·k·n of each aten::mm / addmm / addmm_), the kernel's own ATen calls included."""
+@dataclasses.dataclass
+class _Profile:
+    allocations: list[int]  # bytes of each allocation
+    gemms: list[int]  # the m·k·n of each aten::mm / addmm / addmm_
+    calls: list[tuple[str, list]]  # every ATen call: its name and input shapes
+
+
+def _profiled(fn) -> _Profile:
+    """fn() under the profiler: its allocations (every thread), GEMMs and ATen
+    calls, the kernel's own ATen calls included."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(
@@ -299,13 +311,14 @@ def _profiled(fn):
         for e in prof.profiler.kineto_results.events()
         if e.name() == "[memory]" and e.nbytes() > 0
     ]
+    calls = [(e.name, [list(s) for s in e.input_shapes]) for e in prof.events()]
     gemms = []
-    for event in prof.events():
-        if event.name in ("aten::mm", "aten::addmm", "aten::addmm_"):
-            shapes = [s for s in event.input_shapes if len(s) == 2]
-            a, b = (shapes[1], shapes[2]) if event.name != "aten::mm" else (shapes[0], shapes[1])
+    for name, input_shapes in calls:
+        if name in ("aten::mm", "aten::addmm", "aten::addmm_"):
+            shapes = [s for s in input_shapes if len(s) == 2]
+            a, b = (shapes[1], shapes[2]) if name != "aten::mm" else (shapes[0], shapes[1])
             gemms.append(a[0] * a[1] * b[1])
-    return allocations, gemms
+    return _Profile(allocations, gemms, calls)
 
 
 @_HAS_DORA_CPU
@@ -318,15 +331,15 @@ def test_dora_plan_allocates_no_m_by_n_buffers_beyond_its_outputs(p):
     x, weight, _, lora_A, lora_B, g, s, _, seed = fwd
     m_by_n, half_m_by_k = M * N * 4, M * K * 4 // 2
     y_Z = []
-    allocations, _ = _profiled(lambda: y_Z.extend(_DORA_OPS.dora_forward(*fwd)))
+    allocations = _profiled(lambda: y_Z.extend(_DORA_OPS.dora_forward(*fwd))).allocations
     assert sorted(a for a in allocations if a >= half_m_by_k) == [m_by_n, m_by_n]  # y, Z
     Z = y_Z[1]
     grad_y = grad_y.float()
-    allocations, _ = _profiled(
+    allocations = _profiled(
         lambda: _DORA_OPS.dora_backward(
             grad_y, x, weight, lora_A, lora_B, g, Z, s, p, seed, [True] * 5
         )
-    )
+    ).allocations
     # grad_x alone: with K < M the GEMM takes W0's rows ⊙(1 + (g−1)/(1−p)), N×K.
     assert sorted(a for a in allocations if a >= half_m_by_k) == [M * K * 4]
 
@@ -339,11 +352,11 @@ def test_dora_plan_scales_dy_when_it_is_smaller_than_w0():
     x, weight, _, lora_A, lora_B, g, s, _, seed = fwd
     _, Z = _DORA_OPS.dora_forward(*fwd)
     grad_y = grad_y.float()
-    allocations, _ = _profiled(
+    allocations = _profiled(
         lambda: _DORA_OPS.dora_backward(
             grad_y, x, weight, lora_A, lora_B, g, Z, s, 0.0, seed, [True] * 5
         )
-    )
+    ).allocations
     assert sorted(a for a in allocations if a >= M * K * 4 // 2) == [M * N * 4, M * K * 4]
 
 
@@ -358,12 +371,12 @@ def test_dora_plan_runs_one_base_gemm_each_way(p):
     fwd, grad_y = _dora_problem(M, K, N, p, True, torch.float32)
     x, weight, _, lora_A, lora_B, g, s, _, seed = fwd
     y_Z = []
-    _, forward = _profiled(lambda: y_Z.extend(_DORA_OPS.dora_forward(*fwd)))
-    _, backward = _profiled(
+    forward = _profiled(lambda: y_Z.extend(_DORA_OPS.dora_forward(*fwd))).gemms
+    backward = _profiled(
         lambda: _DORA_OPS.dora_backward(
             grad_y.float(), x, weight, lora_A, lora_B, g, y_Z[1], s, p, seed, [True] * 5
         )
-    )
+    ).gemms
     for gemms in (forward, backward):
         assert gemms.count(base) == 1, gemms
         rest = [v for v in gemms if v != base]
@@ -372,3 +385,151 @@ def test_dora_plan_runs_one_base_gemm_each_way(p):
             assert base <= sum(rest) < 1.25 * base, gemms  # the row blocks, and rank r
         else:
             assert sum(rest) < 0.25 * base, gemms
+
+
+# --------------------------------------------------------------------------
+# The LoRA op pair's host plan (csrc/lora_plan.h) on the CPU
+# --------------------------------------------------------------------------
+
+_HAS_LORA_CPU = pytest.mark.skipif(
+    not extension.has_kernel("lora_forward", "CPU"), reason="C++ LoRA kernels not built"
+)
+
+
+def _lora_problem(M, K, N, p, dtype=torch.float32, adapter_dtype=None, bias=True, r=4):
+    prob = make_problem(M, K, N, r, bias=bias).cast(dtype, adapter_dtype)
+    seed = torch.tensor([2**40 + 17]) if p > 0 else None
+    fwd = (prob.x, prob.weight, prob.bias, prob.lora_A, prob.lora_B, prob.scaling, p, seed)
+    return fwd, prob.grad_y
+
+
+def _lora_backward(fwd, grad_y, S, mask):
+    x, weight, _, lora_A, lora_B, s, p, seed = fwd
+    return _DORA_OPS.lora_backward(grad_y, x, weight, lora_A, lora_B, S, s, p, seed, mask)
+
+
+@_HAS_LORA_CPU
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_lora_plan_accumulates_onto_its_outputs_without_copies(p, bias):
+    # E = s·S·Bᵀ + b is written into y and dx's LoRA term into dx; the base
+    # GEMMs then add onto them in place (beta = 1): one allocation of each
+    # output, no copy or clone of an M×N or M×K tensor, and the one M·K·N
+    # GEMM each way is the in-place aten::addmm_ on the output.
+    M, K, N = 1024, 96, 160
+    fwd, grad_y = _lora_problem(M, K, N, p, bias=bias)
+    y_S = []
+    forward = _profiled(lambda: y_S.extend(_DORA_OPS.lora_forward(*fwd)))
+    # W0 frozen, as in LoRA training: dW0 = dyᵀ·x would be another M·K·N GEMM.
+    training = [True, False, True, True, True]
+    backward = _profiled(lambda: _lora_backward(fwd, grad_y, y_S[1], training))
+    for prof, out_shape in ((forward, [M, N]), (backward, [M, K])):
+        # Nothing else the op allocates is half as large as its output.
+        out_bytes = out_shape[0] * out_shape[1] * 4
+        assert sorted(a for a in prof.allocations if a >= out_bytes // 2) == [out_bytes]
+        copies = [
+            (name, shapes)
+            for name, shapes in prof.calls
+            if name in ("aten::copy_", "aten::clone", "aten::_to_copy")
+            and any(shape in ([M, N], [M, K]) for shape in shapes)
+        ]
+        assert copies == [], copies
+        base = []
+        for name, shapes in prof.calls:
+            if name in ("aten::addmm", "aten::addmm_"):
+                c, a, b = shapes[:3]
+            elif name == "aten::mm":
+                (a, b), c = shapes[:2], None
+            else:
+                continue
+            if a[0] * a[1] * b[1] == M * K * N:
+                base.append((name, c))
+        assert base == [("aten::addmm_", out_shape)], base
+
+
+@_HAS_LORA_CPU
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_lora_plan_computes_exactly_the_requested_gradients(p):
+    fwd, grad_y = _lora_problem(37, 21, 13, p)
+    _, S = _DORA_OPS.lora_forward(*fwd)
+    everything = _lora_backward(fwd, grad_y, S, [True] * 5)
+    for bits in range(32):
+        mask = [bool(bits >> i & 1) for i in range(5)]
+        grads = _lora_backward(fwd, grad_y, S, mask)
+        for need, got, full in zip(mask, grads, everything, strict=True):
+            if need:
+                assert torch.equal(got, full), mask
+            else:
+                assert got.numel() == 0, mask
+        computed = [g for g in grads if g.numel()]
+        assert len({g.data_ptr() for g in computed}) == len(computed)  # no aliases
+
+
+def _assert_lora_matches_reference(fwd, grad_y, tolerance, mask=(True,) * 5):
+    from lora_kernels.backends.torch import reference
+
+    y, S = _DORA_OPS.lora_forward(*fwd)
+    x, weight, _, lora_A, lora_B, s, p, seed = fwd
+    grads = _lora_backward(fwd, grad_y, S, list(mask))
+    ref_y, ref_S = reference.lora_forward(*_float64(fwd))
+    ref = reference.lora_backward(
+        *_float64((grad_y, x, weight, lora_A, lora_B, S)), s, p, seed, list(mask)
+    )
+    names = ("y", "S", "dx", "dW0", "db", "dA", "dB")
+    for name, got, want in zip(names, (y, S, *grads), (ref_y, ref_S, *ref), strict=True):
+        assert got.shape == want.shape, name
+        scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+        torch.testing.assert_close(
+            got.double(), want, rtol=tolerance, atol=tolerance * scale, msg=name
+        )
+    return y, S, grads
+
+
+@_HAS_LORA_CPU
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize(
+    ("M", "K", "N"), [(0, 8, 6), (5, 0, 6), (5, 8, 0), (0, 0, 0)], ids=["M0", "K0", "N0", "all0"]
+)
+def test_lora_plan_empty_dimensions(M, K, N, p):
+    fwd, grad_y = _lora_problem(M, K, N, p)
+    # Against float64, so a sum over no rows or columns must be zeros, never
+    # uninitialised memory.
+    y, S, _ = _assert_lora_matches_reference(fwd, grad_y, 1e-6)
+    assert y.dtype == torch.float32 and S.dtype == torch.float32
+
+
+@_HAS_LORA_CPU
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "adapter_dtype", [torch.float32, torch.bfloat16], ids=["fp32-adapters", "bf16-adapters"]
+)
+def test_lora_plan_bf16_inputs(adapter_dtype, p):
+    # peft keeps adapters in fp32 under autocast: S is fp32 (the accumulate
+    # dtype), y and dx in x's dtype, dA and dB in the adapters'.
+    fwd, grad_y = _lora_problem(70, 48, 40, p, torch.bfloat16, adapter_dtype)
+    y, S, grads = _assert_lora_matches_reference(fwd, grad_y, 4e-2)
+    assert (y.dtype, S.dtype) == (torch.bfloat16, torch.float32)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3 + [adapter_dtype] * 2
+
+
+@_HAS_LORA_CPU
+def test_lora_plan_dropout_mask_bit_exact_with_the_torch_backend():
+    from lora_kernels.backends.torch.dropout import dropout_keep_mask
+    from lora_kernels.ops.registry import get_backend
+
+    torch_backend = get_backend("torch")
+    M, K, N, p = 67, 45, 19, 0.3
+    fwd, grad_y = _lora_problem(M, K, N, p, torch.float64)
+    x, weight, bias, lora_A, lora_B, s, _, seed = fwd
+    y, S = _DORA_OPS.lora_forward(*fwd)
+    ref_y, ref_S = torch_backend.forward(*fwd)
+    mask = [True] * 5
+    grads = _lora_backward(fwd, grad_y, S, mask)
+    ref = torch_backend.backward(grad_y, x, weight, lora_A, lora_B, ref_S, s, p, seed, mask)
+    for got, want in zip((y, S, *grads), (ref_y, ref_S, *ref), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # With W0 = 0, dx is the masked LoRA term alone: zero exactly where the
+    # mask drops an element.
+    zero_base = (x, torch.zeros_like(weight), bias, lora_A, lora_B, s, p, seed)
+    (grad_x, *_) = _lora_backward(zero_base, grad_y, S, [True, False, False, False, False])
+    assert torch.equal(grad_x != 0, dropout_keep_mask(seed, M, K, p))

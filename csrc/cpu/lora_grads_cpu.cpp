@@ -1,24 +1,20 @@
-// CPU kernel of lora_kernels::lora_backward. Given dy (M×N):
-//   dS = s·dy·B,  dB = s·dyᵀ·S,  dA = dSᵀ·x̃,  dx = dy·W0 + D⊙(dS·A)/(1−p),
-//   db = Σ_rows dy,  dW0 = dyᵀ·x,
-// computing only the gradients asked for.
-//
-// Plan: one pass over row blocks of dy yields dS and per-thread partials of dB
-// (dy is read once for both). A second blocked pass over x regenerates each
-// row's dropout multipliers once and uses them twice: for the rows of x̃ that
-// feed the per-thread partials of dA, and for the masked LoRA term
-// (dS·A)·D/(1−p), written straight into dx. The base GEMM then accumulates
-// onto it in place, dx += dy·W0 (beta = 1), so dx is written once before the
-// GEMM and never re-read after it. With no dropout in fp32/fp64 the LoRA terms
-// are plain GEMMs on the whole matrices.
+// The CPU's rank-r passes of the LoRA and DoRA backwards (csrc/lora_plan.h,
+// csrc/dora_plan.h). Given dy (M×N):
+//   dy_pass            one pass over row blocks of dy yields dS = s·dy·B and
+//                      per-thread partials of dB = s·dyᵀ·S (dy is read once
+//                      for both; partials added in block order)
+//   masked_lora_grads  one blocked pass over x regenerates each row's dropout
+//                      multipliers once and uses them twice: for the rows of x̃
+//                      that feed the per-thread partials of dA = dSᵀ·x̃, and for
+//                      the masked LoRA term D⊙(dS·A)/(1−p), written straight
+//                      into dx, which the base GEMM then accumulates onto.
+//                      With no dropout in fp32/fp64 both are plain GEMMs on the
+//                      whole matrices.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
-#include <array>
 #include <optional>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -30,22 +26,17 @@ namespace lora_kernels {
 namespace cpu {
 namespace {
 
-struct DsDb {
-  at::Tensor dS;  // (M, r) = s·dy·B, when asked
-  at::Tensor dB;  // (N, r) = s·dyᵀ·S, when asked
-};
-
-// dS and dB in one pass over row blocks of dy (any strides, x's dtype); fp16/bf16
-// rows are converted to fp32 in a thread-local tile first.
+// dS and dB in one pass over row blocks of dy (any strides, x's dtype), each
+// written where it is given; fp16/bf16 rows are converted to fp32 in a
+// thread-local tile first.
 template <typename scalar_t>
-DsDb ds_db_pass(const at::Tensor& grad_y, const at::Tensor& S, const at::Tensor& B_acc,
-                double scaling, bool need_dS, bool need_dB) {
+void ds_db_pass(const at::Tensor& grad_y, const at::Tensor& S, const at::Tensor& B_acc,
+                double scaling, at::Tensor* dS, at::Tensor* grad_B) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const int64_t M = grad_y.size(0), N = grad_y.size(1), r = S.size(1);
+  const bool need_dS = dS != nullptr, need_dB = grad_B != nullptr;
   const at::Tensor B_scaled = B_acc * scaling;
-  DsDb out;
-  if (need_dS) out.dS = at::empty({M, r}, S.options());
   PartialSum dB(need_dB ? std::vector<int64_t>{N, r} : std::vector<int64_t>{0}, S.options());
 
   struct Local {
@@ -65,7 +56,7 @@ DsDb ds_db_pass(const at::Tensor& grad_y, const at::Tensor& S, const at::Tensor&
           dy_rows = tile_rows(local.tile, rows).copy_(dy_rows);
         }
         if (need_dS) {
-          at::Tensor dS_rows = out.dS.narrow(0, first, rows);
+          at::Tensor dS_rows = dS->narrow(0, first, rows);
           at::mm_out(dS_rows, dy_rows, B_scaled);
         }
         if (need_dB) local.dB.addmm_(dy_rows.t(), S.narrow(0, first, rows));
@@ -73,8 +64,7 @@ DsDb ds_db_pass(const at::Tensor& grad_y, const at::Tensor& S, const at::Tensor&
       [&](Local& local, int64_t first_block) {
         if (need_dB) dB.add(first_block, std::move(local.dB));
       });
-  if (need_dB) out.dB = dB.total().mul_(scaling);
-  return out;
+  if (need_dB) grad_B->copy_(dB.total().mul_(scaling));
 }
 
 // The LoRA terms that involve x or the mask, by row blocks of x: each row's
@@ -173,61 +163,13 @@ at::Tensor masked_lora_grads(const at::Tensor& dS, const at::Tensor& x, const at
   return dA;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const at::Tensor& lora_A_in, const at::Tensor& lora_B_in, const at::Tensor& S_in,
-    double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
-    std::array<bool, 5> output_mask) {
-  check_backward_args(grad_y_in, x_in, weight_in, lora_A_in, lora_B_in, S_in, scaling, dropout_p,
-                      seed);
-  // Internal ATen calls must run in the dtypes chosen here, never autocast.
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  // Detached aliases: this op has no derivative of its own, so it can be called
-  // with inputs that require grad in grad mode (e.g. backward with
-  // create_graph=True), where ATen's out= calls below would refuse them.
-  const at::Tensor grad_y = grad_y_in.detach();
-  const at::Tensor x = x_in.detach();
-  const at::Tensor weight = weight_in.detach();
-  const at::Tensor lora_A = lora_A_in.detach();
-  const at::Tensor lora_B = lora_B_in.detach();
-  const at::Tensor S = S_in.detach();
-
-  const GradMask need(output_mask);
-  const at::ScalarType acc = accumulate_dtype(x.scalar_type());
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-
-  // Gradients not asked for: distinct empty tensors (outputs must not alias).
-  const auto not_computed = [&] { return at::empty({0}, x.options()); };
-  at::Tensor grad_x = not_computed(), grad_weight = not_computed(), grad_bias = not_computed();
-  at::Tensor grad_A = not_computed(), grad_B = not_computed();
-
-  const bool need_dS = need.x || need.lora_A;
-  DsDb ds_db;
-  if (need_dS || need.lora_B) {
-    const at::Tensor B_acc = lora_B.to(acc);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_backward_cpu",
-                                    [&] {
-                                      ds_db = ds_db_pass<scalar_t>(grad_y, S, B_acc, scaling,
-                                                                   need_dS, need.lora_B);
-                                    });
-    if (need.lora_B) grad_B = ds_db.dB.to(lora_B.scalar_type());
-  }
-
-  if (need_dS) {
-    if (need.x) grad_x = at::empty({M, K}, x.options());
-    const at::Tensor dA =
-        masked_lora_grads(ds_db.dS, x, lora_A, dropout_p, seed, need.x ? &grad_x : nullptr,
-                          /*accumulate=*/false, need.lora_A);
-    if (need.lora_A) grad_A = dA.to(lora_A.scalar_type());
-    if (need.x) grad_x.addmm_(grad_y, weight);
-  }
-
-  if (need.weight) {
-    grad_weight = at::empty({N, K}, weight.options());
-    at::mm_out(grad_weight, grad_y.t(), x);
-  }
-  if (need.bias) grad_bias = grad_y.sum(0);
-  return {grad_x, grad_weight, grad_bias, grad_A, grad_B};
+void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tensor& S,
+             double scaling, at::Tensor* dS, at::Tensor* grad_B) {
+  const at::Tensor B_acc = lora_B.to(S.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "dy_pass_cpu",
+                                  [&] {
+                                    ds_db_pass<scalar_t>(grad_y, S, B_acc, scaling, dS, grad_B);
+                                  });
 }
 
 }  // namespace cpu

@@ -1,0 +1,42 @@
+// What the host plans of the extension's op pairs (lora_plan.h, dora_plan.h)
+// share: how an entry point enters its device and leaves autocast, and the
+// gradients that are not computed or come from a batch of no rows.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <utility>
+
+namespace lora_kernels {
+
+// Held for the whole of a plan's entry point: x is on Dev's device
+// (Dev::check_device), that device is current (Dev::guard: a CUDAGuard, or
+// nothing on the CPU), and the internal ATen calls run in the dtypes the plan
+// chose, never re-cast by an enclosing autocast region.
+template <typename Dev>
+class PlanScope {
+ public:
+  explicit PlanScope(const at::Tensor& x) : guard_(checked_guard(x)) {}
+
+ private:
+  static auto checked_guard(const at::Tensor& x) {
+    Dev::check_device(x);
+    return Dev::guard(x);
+  }
+  decltype(Dev::guard(std::declval<const at::Tensor&>())) guard_;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast_{c10::autocast_dispatch_keyset};
+};
+
+// A gradient that was not asked for: an empty tensor of its own (an op's
+// outputs must not alias).
+inline at::Tensor not_computed(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+// A gradient of a batch of M = 0 rows: zeros of its shape where it was asked
+// for (a sum over no rows), else not_computed.
+inline at::Tensor empty_batch_grad(bool need, at::IntArrayRef shape,
+                                   const at::TensorOptions& options, const at::Tensor& x) {
+  return need ? at::zeros(shape, options) : not_computed(x);
+}
+
+}  // namespace lora_kernels
