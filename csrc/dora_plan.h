@@ -20,8 +20,7 @@
 //           dx += dyc·W0 = dy·(coef⊙W0)                           the base GEMM
 //   p > 0:  dx −= c·(1−D)⊙[((g−1)⊙dy)·W0]                         Dev::sub_dropped_product
 //   coef = 1 + (g−1)·c (g at p = 0) scales dy (M×N) or W0's rows (N×K), the
-//   smaller. (A device may add the LoRA term after the GEMM instead:
-//   Dev::kLoraTermFirst.)
+//   smaller.
 //   Allocated: the outputs, dyc or coef⊙W0 (only for dx), dS, S (M×r).
 //
 // The p > 0 dx is the contract's dy·W0 + D⊙[((g−1)⊙dy)·W0 + dS·A]/(1−p): on
@@ -137,10 +136,8 @@ struct DoraPlan {
     at::Tensor Z = at::empty({M, N}, x.options());
     if (M == 0) return {y, Z};
 
-    at::Tensor S = at::empty({M, r}, x.options().dtype(acc));
-    Dev::shrink(x, lora_A, dropout_p, seed, S);
     // The LoRA term is expanded in x's dtype, as the dense op's (S rounded first).
-    const at::Tensor S_x = S.to(x.scalar_type());
+    const auto [S, S_x] = shrink_both<Dev>(x, lora_A, dropout_p, seed, acc);
     const at::Tensor B_scaled = (lora_B.to(acc) * scaling).to(x.scalar_type());
     const at::Tensor g = g_in.detach().to(acc);
 
@@ -187,7 +184,7 @@ struct DoraPlan {
     const bool need_dS = need.x || need.lora_A;
     // S only feeds dB: recomputed (M×r), never saved.
     at::Tensor S = at::empty({need.lora_B ? M : 0, r}, x.options().dtype(acc));
-    if (need.lora_B) Dev::shrink(x, lora_A, dropout_p, seed, S);
+    if (need.lora_B) Dev::shrink(x, lora_A, dropout_p, seed, S, nullptr);
     // dy⊙g enters dS and dB through g⊙B and a row scale of dB (N×r), and dx
     // through the GEMM's scaled operand: 1 + (g−1)·c is g at p = 0.
     const at::Tensor B_g = lora_B.to(acc) * g.unsqueeze(1);
@@ -200,30 +197,21 @@ struct DoraPlan {
     if (need.bias) grad_b = pass.db.to(x.scalar_type());
     if (need.g) grad_g = pass.dg.to(g_in.scalar_type());
 
-    // The masked LoRA term of dx and dA: before the base GEMM, which then
-    // accumulates onto dx (Dev::kLoraTermFirst), or added after it.
+    // The masked LoRA term written into dx (and dA from the same mask) before
+    // the base GEMM, which then accumulates onto dx in place (beta = 1).
     at::Tensor* dx = need.x ? &grad_x : nullptr;
     if (need.x) grad_x = at::empty({M, K}, x.options());
     at::Tensor dA;
-    if (Dev::kLoraTermFirst && need_dS) {
-      dA = Dev::lora_grads(pass.dS, x, lora_A, dropout_p, seed, dx, need.lora_A);
-    }
+    if (need_dS) dA = Dev::lora_grads(pass.dS, x, lora_A, dropout_p, seed, dx, need.lora_A);
     if (need.x) {
-      {  // dx (+)= dyc·W0 = dy·(coef⊙W0): the only full base GEMM.
+      {  // dx += dyc·W0 = dy·(coef⊙W0): the only full base GEMM.
         const at::Tensor lhs = scale_weight ? grad_y : pass.dyc;
         const at::Tensor rhs =
             scale_weight ? (weight * coef.unsqueeze(1)).to(x.scalar_type()) : weight;
-        if (Dev::kLoraTermFirst) {
-          grad_x.addmm_(lhs, rhs);
-        } else {
-          at::mm_out(grad_x, lhs, rhs);
-        }
+        grad_x.addmm_(lhs, rhs);
       }
       pass.dyc.reset();  // the scaled operand goes before the rest
       if (dropout) Dev::sub_dropped_product(grad_y, g - 1.0, weight, dropout_p, seed, grad_x);
-    }
-    if (!Dev::kLoraTermFirst && need_dS) {
-      dA = Dev::lora_grads(pass.dS, x, lora_A, dropout_p, seed, dx, need.lora_A);
     }
     if (need.lora_A) grad_A = dA.to(lora_A.scalar_type());
     return {grad_x, grad_b, grad_A, grad_B, grad_g};

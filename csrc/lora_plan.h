@@ -20,7 +20,9 @@
 //
 // What a device type supplies (each a static member):
 //   check_device(x), guard(x)    PlanScope (plan_common.h)
-//   shrink(x, A, p, seed, S)     S = x̃·Aᵀ, overwritten
+//   shrink(x, A, p, seed, S, S_x*)
+//                                S = x̃·Aᵀ, overwritten, and S rounded to x's
+//                                dtype into S_x when given (shrink_both)
 //   dy_pass(dy, B, S, s, dS*, dB*)
 //                                dS (M×r, accumulate dtype) and dB (N×r, B's
 //                                dtype), either null when not asked for
@@ -81,13 +83,11 @@ struct LoraPlan {
 
     const at::ScalarType dtype = x.scalar_type(), acc = accumulate_dtype(dtype);
     const int64_t M = x.size(0), N = weight.size(0), r = lora_A.size(0);
-    at::Tensor S = at::empty({M, r}, x.options().dtype(acc));
     at::Tensor y = at::empty({M, N}, x.options());
-    if (M == 0) return {y, S};
+    if (M == 0) return {y, at::empty({0, r}, x.options().dtype(acc))};
 
-    Dev::shrink(x, lora_A, dropout_p, seed, S);
     // The LoRA term is expanded in x's dtype, as the reference's (S rounded first).
-    const at::Tensor S_x = S.to(dtype);
+    const auto [S, S_x] = shrink_both<Dev>(x, lora_A, dropout_p, seed, acc);
     const at::Tensor B_scaled = (lora_B.to(acc) * scaling).to(dtype);
     if (has_bias && Dev::kBiasColumn) {
       const at::Tensor S_ones = at::cat({S_x, at::ones({M, 1}, S_x.options())}, 1);

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <optional>
 #include <utility>
 
 namespace lora_kernels {
@@ -27,6 +28,26 @@ class PlanScope {
   decltype(Dev::guard(std::declval<const at::Tensor&>())) guard_;
   c10::impl::ExcludeDispatchKeyGuard no_autocast_{c10::autocast_dispatch_keyset};
 };
+
+// S = x̃·Aᵀ (M×r, accumulate dtype) and S rounded to x's dtype, the operand of
+// the rank-r expand (the same tensor when the two dtypes agree). The device
+// writes the rounded copy in its shrink where it can (the CUDA kernels' last
+// pass over S), so no separate cast runs.
+template <typename Dev>
+std::pair<at::Tensor, at::Tensor> shrink_both(const at::Tensor& x, const at::Tensor& lora_A,
+                                              double dropout_p,
+                                              const std::optional<at::Tensor>& seed,
+                                              at::ScalarType acc) {
+  const int64_t M = x.size(0), r = lora_A.size(0);
+  at::Tensor S = at::empty({M, r}, x.options().dtype(acc));
+  if (x.scalar_type() == acc) {
+    Dev::shrink(x, lora_A, dropout_p, seed, S, nullptr);
+    return {S, S};
+  }
+  at::Tensor S_x = at::empty({M, r}, x.options());
+  Dev::shrink(x, lora_A, dropout_p, seed, S, &S_x);
+  return {S, S_x};
+}
 
 // A gradient that was not asked for: an empty tensor of its own (an op's
 // outputs must not alias).

@@ -263,12 +263,10 @@ struct CpuDora : CpuDevice {
   // dx = D⊙(dS·A)/(1−p) is written before the base GEMM accumulates onto it
   // (dx is written once before the GEMM, never re-read after it), and dA =
   // dSᵀ·x̃ in the same pass over x, each row's mask generated once.
-  static constexpr bool kLoraTermFirst = true;
   static at::Tensor lora_grads(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& lora_A,
                                double dropout_p, const std::optional<at::Tensor>& seed,
                                at::Tensor* grad_x, bool need_dA) {
-    return masked_lora_grads(dS, x, lora_A, dropout_p, seed, grad_x, /*accumulate=*/false,
-                             need_dA);
+    return masked_lora_grads(dS, x, lora_A, dropout_p, seed, grad_x, need_dA);
   }
 
   static void scale_columns(const at::Tensor& in, const at::Tensor& a, bool accumulate,

@@ -38,7 +38,7 @@ struct CpuLora : CpuDevice {
                          double dropout_p, const std::optional<at::Tensor>& seed, at::Tensor* G,
                          at::Tensor* grad_A) {
     const at::Tensor dA = masked_lora_grads(dS, x, lora_A, dropout_p, seed, G,
-                                            /*accumulate=*/false, grad_A != nullptr);
+                                            grad_A != nullptr);
     if (grad_A != nullptr) grad_A->copy_(dA);
   }
 };

@@ -63,11 +63,10 @@ void dy_pass(const at::Tensor& grad_y, const at::Tensor& lora_B, const at::Tenso
 
 // By row blocks of x, each row's mask generated once for both: returns
 // dA = dSᵀ·x̃ ((r, K), accumulate dtype) when need_dA, and, when grad_x is
-// given ((M, K) contiguous in x's dtype), writes grad_x = D⊙(dS·A)/(1−p), or
-// adds it with `accumulate`.
+// given ((M, K) contiguous in x's dtype), writes grad_x = D⊙(dS·A)/(1−p).
 at::Tensor masked_lora_grads(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& lora_A,
                              double dropout_p, const std::optional<at::Tensor>& seed,
-                             at::Tensor* grad_x, bool accumulate, bool need_dA);
+                             at::Tensor* grad_x, bool need_dA);
 
 // What the CPU device types of the two plans (CpuLora, CpuDora) share.
 struct CpuDevice {
@@ -77,8 +76,9 @@ struct CpuDevice {
   static int guard(const at::Tensor&) { return 0; }
 
   static void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
-                     const std::optional<at::Tensor>& seed, at::Tensor& S) {
+                     const std::optional<at::Tensor>& seed, at::Tensor& S, at::Tensor* S_x) {
     cpu::shrink(x, lora_A, dropout_p, seed, S);
+    if (S_x != nullptr) S_x->copy_(S);
   }
 };
 

@@ -70,9 +70,8 @@ void ds_db_pass(const at::Tensor& grad_y, const at::Tensor& S, const at::Tensor&
 // The LoRA terms that involve x or the mask, by row blocks of x: each row's
 // dropout multipliers are generated once and used for both
 //   dA += dS_rowsᵀ·x̃_rows        (when need_dA; returned, (r, K) accumulate dtype)
-//   dx_rows = (dS_rows·A)·m       (when grad_x is given; written in x's dtype,
-//                                  or added to it with kAccumulate)
-template <typename scalar_t, bool kDropout, bool kAccumulate>
+//   dx_rows = (dS_rows·A)·m       (when grad_x is given; written in x's dtype)
+template <typename scalar_t, bool kDropout>
 at::Tensor masked_lora_pass(const at::Tensor& x, const at::Tensor& dS, const at::Tensor& A_acc,
                             const DropoutMask& mask, at::Tensor* grad_x, bool need_dA) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -114,11 +113,7 @@ at::Tensor masked_lora_pass(const at::Tensor& x, const at::Tensor& dS, const at:
             load_row<kDropout>(x_data + row * row_stride, col_stride, K, keep, x_tile + i * K);
           }
           if (lora_tile != nullptr) {
-            if constexpr (kAccumulate) {
-              add_row<kDropout>(lora_tile + i * K, keep, K, dx_data + row * K);
-            } else {
-              store_row<kDropout>(lora_tile + i * K, keep, K, dx_data + row * K);
-            }
+            store_row<kDropout>(lora_tile + i * K, keep, K, dx_data + row * K);
           }
         }
         if (need_dA) local.dA.addmm_(dS_rows.t(), tile_rows(local.x_tile, rows));
@@ -133,32 +128,21 @@ at::Tensor masked_lora_pass(const at::Tensor& x, const at::Tensor& dS, const at:
 
 at::Tensor masked_lora_grads(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& lora_A,
                              double dropout_p, const std::optional<at::Tensor>& seed,
-                             at::Tensor* grad_x, bool accumulate, bool need_dA) {
+                             at::Tensor* grad_x, bool need_dA) {
   const at::ScalarType acc = accumulate_dtype(x.scalar_type());
   const at::Tensor A_acc = lora_A.to(acc);
   if (dropout_p == 0.0 && x.scalar_type() == acc) {
-    if (grad_x != nullptr) {
-      if (accumulate) {
-        grad_x->addmm_(dS, A_acc);
-      } else {
-        at::mm_out(*grad_x, dS, A_acc);
-      }
-    }
+    if (grad_x != nullptr) at::mm_out(*grad_x, dS, A_acc);
     return need_dA ? at::mm(dS.t(), x) : at::Tensor();
   }
   at::Tensor dA;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_grads_cpu", [&] {
     const DropoutMask mask(seed, dropout_p, x.size(1));
-    const auto run = [&](auto with_dropout, auto with_accumulate) {
-      dA = masked_lora_pass<scalar_t, decltype(with_dropout)::value,
-                            decltype(with_accumulate)::value>(x, dS, A_acc, mask, grad_x, need_dA);
-    };
-    const auto pick_accumulate = [&](auto with_dropout) {
-      if (accumulate) return run(with_dropout, std::true_type{});
-      run(with_dropout, std::false_type{});
-    };
-    if (dropout_p > 0.0) return pick_accumulate(std::true_type{});
-    pick_accumulate(std::false_type{});
+    if (dropout_p > 0.0) {
+      dA = masked_lora_pass<scalar_t, true>(x, dS, A_acc, mask, grad_x, need_dA);
+    } else {
+      dA = masked_lora_pass<scalar_t, false>(x, dS, A_acc, mask, grad_x, need_dA);
+    }
   });
   return dA;
 }

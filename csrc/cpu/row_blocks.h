@@ -116,14 +116,6 @@ inline void store_row(const acc_t* v, const acc_t* m, int64_t n, scalar_t* y) {
   }
 }
 
-// y[c] += v[c] (times m[c] when kDropout), accumulated in the accumulate type.
-template <bool kDropout, typename scalar_t, typename acc_t>
-inline void add_row(const acc_t* v, const acc_t* m, int64_t n, scalar_t* y) {
-  for (int64_t c = 0; c < n; ++c) {
-    y[c] = static_cast<scalar_t>(static_cast<acc_t>(y[c]) + (kDropout ? v[c] * m[c] : v[c]));
-  }
-}
-
 // A small gradient (dA, dB) summed over row blocks: each thread accumulates its
 // range of blocks into a private partial; the partials are then added in block
 // order, so a run gives the same bits every time for a given thread count.

@@ -7,12 +7,13 @@
 // beta = 1), the kernels of this folder for the skinny rank-r work with the
 // fused dropout mask:
 //
-// forward:  S = x̃·Aᵀ                 shrink kernel, mask fused into the x loads
+// forward:  S = x̃·Aᵀ                 shrink kernel, mask fused into the x loads,
+//                                    S's copy in x's dtype from its last pass
 //           y := s·S·Bᵀ + b          cuBLAS, bias in cuBLASLt's epilogue
 //           y += x·W0ᵀ               cuBLAS addmm_, beta = 1
 // backward: dS, dB                   one kernel reading dy once (dy_pass)
-//           dx := D⊙(dS·A)/(1−p)     grad_x kernel (mask regenerated)
-//           grad_A = dSᵀ·x̃           split-M kernel, mask regenerated (grad_a)
+//           dx := D⊙(dS·A)/(1−p),    one pass over x, the mask generated once
+//           grad_A = dSᵀ·x̃           for both (lora_grads)
 //           dx += dy·W0              cuBLAS addmm_, beta = 1
 //           grad_W0 = dyᵀ·x, grad_b  ATen, only when asked
 //   Without dropout, 16-bit inputs with 16-bit adapters run dS, dB, dS·A and
@@ -57,9 +58,10 @@ struct CudaDevice {
     return c10::cuda::CUDAGuard(x.device());
   }
 
+  // S_x (S in x's dtype) is written by the shrink's last pass over S.
   static void shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p,
-                     const std::optional<at::Tensor>& seed, at::Tensor& S) {
-    cuda::shrink(x, lora_A, dropout_p, seed, S);
+                     const std::optional<at::Tensor>& seed, at::Tensor& S, at::Tensor* S_x) {
+    cuda::shrink(x, lora_A, dropout_p, seed, S, S_x);
   }
 };
 
@@ -80,15 +82,11 @@ struct CudaLora : CudaDevice {
     cuda::dy_pass(grad_y, lora_B, S, scaling, dS, grad_B);
   }
 
-  // G is written, dA computed from the same mask: for now by the grad_x
-  // kernel, which adds G in place (onto zeros), and the grad_A kernel, each
-  // regenerating the mask; one kernel writing both from one mask replaces the
-  // two calls.
+  // G written and dA from one pass over x, the mask generated once for both.
   static void lora_grads(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& lora_A,
                          double dropout_p, const std::optional<at::Tensor>& seed, at::Tensor* G,
                          at::Tensor* grad_A) {
-    if (G != nullptr) add_grad_x(dS, lora_A, dropout_p, seed, G->zero_());
-    if (grad_A != nullptr) grad_a(dS, x, dropout_p, seed, *grad_A);
+    cuda::lora_grads(dS, x, lora_A, dropout_p, seed, G, grad_A);
   }
 };
 
@@ -117,15 +115,13 @@ struct CudaDora : CudaDevice {
     return out;
   }
 
-  // grad_x += D⊙(dS·A)/(1−p) after the base GEMM (the grad_x kernel adds in place).
-  static constexpr bool kLoraTermFirst = false;
+  // grad_x := D⊙(dS·A)/(1−p) and dA from one mask pass (lora_grads), before
+  // the base GEMM, which then accumulates onto grad_x in place.
   static at::Tensor lora_grads(const at::Tensor& dS, const at::Tensor& x, const at::Tensor& lora_A,
                                double dropout_p, const std::optional<at::Tensor>& seed,
                                at::Tensor* grad_x, bool need_dA) {
-    if (grad_x != nullptr) add_grad_x(dS, lora_A, dropout_p, seed, *grad_x);
-    if (!need_dA) return at::Tensor();
-    at::Tensor dA = at::empty({lora_A.size(0), x.size(1)}, dS.options());
-    if (x.size(1) > 0) grad_a(dS, x, dropout_p, seed, dA);
+    at::Tensor dA = need_dA ? at::empty({lora_A.size(0), x.size(1)}, dS.options()) : at::Tensor();
+    cuda::lora_grads(dS, x, lora_A, dropout_p, seed, grad_x, need_dA ? &dA : nullptr);
     return dA;
   }
 
