@@ -42,6 +42,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 import torch
@@ -182,6 +183,32 @@ def _fake_nf4_weight(N: int, K: int, dtype: torch.dtype, blocksize: int):
     )
 
 
+class _StepInputs(NamedTuple):
+    """The (fake CUDA) inputs of one recorded training step: x, W0 (dense or
+    NF4), the adapters, dy and, with dropout, the seed."""
+
+    x: torch.Tensor
+    weight: object
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    grad_y: torch.Tensor
+    seed: torch.Tensor | None
+
+    @staticmethod
+    def make(M, K, N, r, dtype, adapter_dtype, dropout_p, quant, blocksize) -> _StepInputs:
+        cuda = {"device": "cuda"}
+        x = torch.empty(M, K, dtype=dtype, **cuda)
+        if quant == "nf4":
+            weight = _fake_nf4_weight(N, K, dtype, blocksize)
+        else:
+            weight = torch.empty(N, K, dtype=dtype, **cuda)
+        lora_A = torch.empty(r, K, dtype=adapter_dtype, **cuda)
+        lora_B = torch.empty(N, r, dtype=adapter_dtype, **cuda)
+        grad_y = torch.empty(M, N, dtype=dtype, **cuda)
+        seed = torch.empty(1, dtype=torch.int64, **cuda) if dropout_p > 0 else None
+        return _StepInputs(x, weight, lora_A, lora_B, grad_y, seed)
+
+
 def record_training_step(
     M: int,
     K: int,
@@ -201,12 +228,38 @@ def record_training_step(
     ``LORA_KERNELS_PERSISTENT_GEMM=1``, the persistent kernel, where it
     applies, named "forward GEMM (persistent)"; ``variant="dora"``: the DoRA
     op pair's (``record_dora_step``)."""
-    if variant == "dora":
-        return record_dora_step(M, K, N, r, dtype, adapter_dtype, dropout_p, quant, blocksize)
-    if variant != "lora":
+    if variant not in ("lora", "dora"):
         raise ValueError(f"variant must be 'lora' or 'dora', got {variant!r}")
+    if quant not in ("none", "nf4"):
+        raise ValueError(f"quant must be 'none' or 'nf4', got {quant!r}")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from lora_kernels.backends.triton import dora_ops, forward_gemm_persistent
+
+    recorder = _Recorder()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(_launch, "kernel_wrapper", recorder))
+        if variant == "dora":
+            # No device to make current: the launches are recorded, not run.
+            no_device = mock.patch.object(
+                dora_ops, "launch_device", lambda x: contextlib.nullcontext()
+            )
+            stack.enter_context(no_device)
+        else:
+            # Set either way: the report shows what its flag says, not the caller's environment.
+            switch = {forward_gemm_persistent.PERSISTENT_ENV_VAR: "1" if persistent else "0"}
+            stack.enter_context(mock.patch.dict(os.environ, switch))
+        stack.enter_context(FakeTensorMode())
+        inputs = _StepInputs.make(M, K, N, r, dtype, adapter_dtype, dropout_p, quant, blocksize)
+        if variant == "dora":
+            return record_dora_step(recorder, inputs, dropout_p, quant)
+        return _record_lora_step(recorder, inputs, dropout_p, quant)
+
+
+def _record_lora_step(
+    recorder: _Recorder, inputs: _StepInputs, dropout_p: float, quant: str
+) -> list[tuple[str, Launch]]:
+    """``record_training_step``'s LoRA step, its launches recorded by ``recorder``."""
     from lora_kernels.backends.triton import (
         dy_pass,
         forward_gemm,
@@ -217,58 +270,37 @@ def record_training_step(
     )
     from lora_kernels.backends.triton._dropout import DropoutArgs
 
-    if quant not in ("none", "nf4"):
-        raise ValueError(f"quant must be 'none' or 'nf4', got {quant!r}")
     gemm = " (NF4)" if quant == "nf4" else ""
-
-    recorder = _Recorder()
+    x, weight, lora_A, lora_B, grad_y, seed = inputs
+    dropout = DropoutArgs.of(dropout_p, seed, x)
+    steps = (
+        ("shrink", lambda: shrink.shrink(x, lora_A, dropout)),
+        (
+            "forward GEMM" + gemm,
+            lambda: forward_gemm.forward_gemm(x, weight, None, S, lora_B, 2.0),
+        ),
+        ("dy pass (dS)", lambda: dy_pass.dy_pass(grad_y, lora_B, S, 2.0, False)),
+        ("dB pass", lambda: dy_pass.grad_b_pass(grad_y, S, 2.0)),
+        ("dA pass", lambda: grad_a.grad_a_pass(dS, x, dropout)),
+        (
+            "dx GEMM" + gemm,
+            lambda: grad_x.grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout),
+        ),
+    )
     names: list[str] = []
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(_launch, "kernel_wrapper", recorder))
-        # Set either way: the report shows what its flag says, not the caller's environment.
-        switch = {forward_gemm_persistent.PERSISTENT_ENV_VAR: "1" if persistent else "0"}
-        stack.enter_context(mock.patch.dict(os.environ, switch))
-        stack.enter_context(FakeTensorMode())
-        cuda = {"device": "cuda"}
-        x = torch.empty(M, K, dtype=dtype, **cuda)
-        if quant == "nf4":
-            weight = _fake_nf4_weight(N, K, dtype, blocksize)
-        else:
-            weight = torch.empty(N, K, dtype=dtype, **cuda)
-        lora_A = torch.empty(r, K, dtype=adapter_dtype, **cuda)
-        lora_B = torch.empty(N, r, dtype=adapter_dtype, **cuda)
-        grad_y = torch.empty(M, N, dtype=dtype, **cuda)
-        seed = torch.empty(1, dtype=torch.int64, **cuda)
-        dropout = DropoutArgs.of(dropout_p, seed if dropout_p > 0 else None, x)
-        steps = (
-            ("shrink", lambda: shrink.shrink(x, lora_A, dropout)),
-            (
-                "forward GEMM" + gemm,
-                lambda: forward_gemm.forward_gemm(x, weight, None, S, lora_B, 2.0),
-            ),
-            ("dy pass (dS)", lambda: dy_pass.dy_pass(grad_y, lora_B, S, 2.0, False)),
-            ("dB pass", lambda: dy_pass.grad_b_pass(grad_y, S, 2.0)),
-            ("dA pass", lambda: grad_a.grad_a_pass(dS, x, dropout)),
-            (
-                "dx GEMM" + gemm,
-                lambda: grad_x.grad_x_gemm(grad_y, weight, dS, lora_A, x, dropout),
-            ),
-        )
-        S = dS = None
-        for name, step in steps:
-            before = len(recorder.launches)
-            result = step()
-            if name == "shrink":
-                S = result
-            elif name == "dy pass (dS)":
-                dS = result[0]
-            if len(recorder.launches) == before:
-                raise RuntimeError(f"{name}: no launch went through _launch.wrap_triton")
-            for launch in recorder.launches[before:]:
-                persistent_gemm = (
-                    launch.kernel is forward_gemm_persistent._persistent_forward_kernel
-                )
-                names.append(name + " (persistent)" if persistent_gemm else name)
+    S = dS = None
+    for name, step in steps:
+        before = len(recorder.launches)
+        result = step()
+        if name == "shrink":
+            S = result
+        elif name == "dy pass (dS)":
+            dS = result[0]
+        if len(recorder.launches) == before:
+            raise RuntimeError(f"{name}: no launch went through _launch.wrap_triton")
+        for launch in recorder.launches[before:]:
+            persistent_gemm = launch.kernel is forward_gemm_persistent._persistent_forward_kernel
+            names.append(name + " (persistent)" if persistent_gemm else name)
     return list(zip(names, recorder.launches, strict=True))
 
 
@@ -296,49 +328,20 @@ def _dora_step_names() -> dict:
 
 
 def record_dora_step(
-    M: int,
-    K: int,
-    N: int,
-    r: int,
-    dtype: torch.dtype,
-    adapter_dtype: torch.dtype,
-    dropout_p: float,
-    quant: str = "none",
-    blocksize: int = 64,
+    recorder: _Recorder, inputs: _StepInputs, dropout_p: float, quant: str
 ) -> list[tuple[str, Launch]]:
     """(name, launch) of every kernel of one DoRA forward + backward (every
     gradient asked for: dx, db, dA, dB, dg), as the op pair's bodies
-    (``dora_ops.dora_forward``/``dora_backward``) launch them; the GEMMs named
-    with " (NF4)" for ``quant="nf4"``."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    (``dora_ops.dora_forward``/``dora_backward``) launch them, recorded by
+    ``recorder``; the GEMMs named with " (NF4)" for ``quant="nf4"``."""
     from lora_kernels.backends.triton import dora_ops
 
-    if quant not in ("none", "nf4"):
-        raise ValueError(f"quant must be 'none' or 'nf4', got {quant!r}")
-    recorder = _Recorder()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(_launch, "kernel_wrapper", recorder))
-        # No device to make current: the launches are recorded, not run.
-        stack.enter_context(
-            mock.patch.object(dora_ops, "launch_device", lambda x: contextlib.nullcontext())
-        )
-        stack.enter_context(FakeTensorMode())
-        cuda = {"device": "cuda"}
-        x = torch.empty(M, K, dtype=dtype, **cuda)
-        if quant == "nf4":
-            weight = _fake_nf4_weight(N, K, dtype, blocksize)
-        else:
-            weight = torch.empty(N, K, dtype=dtype, **cuda)
-        lora_A = torch.empty(r, K, dtype=adapter_dtype, **cuda)
-        lora_B = torch.empty(N, r, dtype=adapter_dtype, **cuda)
-        g = torch.empty(N, dtype=torch.float32, **cuda)
-        grad_y = torch.empty(M, N, dtype=dtype, **cuda)
-        seed = torch.empty(1, dtype=torch.int64, **cuda) if dropout_p > 0 else None
-        _, Z = dora_ops.dora_forward(x, weight, None, lora_A, lora_B, g, 2.0, dropout_p, seed)
-        dora_ops.dora_backward(
-            grad_y, x, weight, lora_A, lora_B, g, Z, 2.0, dropout_p, seed, [True] * 5
-        )
+    x, weight, lora_A, lora_B, grad_y, seed = inputs
+    g = torch.empty(lora_B.shape[0], dtype=torch.float32, device="cuda")
+    _, Z = dora_ops.dora_forward(x, weight, None, lora_A, lora_B, g, 2.0, dropout_p, seed)
+    dora_ops.dora_backward(
+        grad_y, x, weight, lora_A, lora_B, g, Z, 2.0, dropout_p, seed, [True] * 5
+    )
     names = {kernel: list(reversed(n)) for kernel, n in _dora_step_names().items()}
     gemm = " (NF4)" if quant == "nf4" else ""
     named = []

@@ -22,7 +22,16 @@ from lora_kernels.ops.seed import draw_seed
 from lora_kernels.quant.nf4 import NF4Weight, quantize_nf4
 
 from lora_testing import assert_matches_oracle, make_problem
-from triton_testing import DEVICE, REASON, TRITON_MARKS, _gemm_configs, _launch
+from triton_testing import (
+    DEVICE,
+    REASON,
+    SPLIT_SHAPE,
+    TRITON_MARKS,
+    _gemm_configs,
+    _launch,
+    record_splits,
+    small_rank_chunks,
+)
 
 pytestmark = TRITON_MARKS
 
@@ -116,8 +125,7 @@ def test_rank_chunks(monkeypatch):
     # Ranks above the chunk size: more than one rank chunk in the dy pass
     # (whose column sums only the first writes) and several rank steps
     # seeding both GEMMs' accumulators.
-    monkeypatch.setattr(_launch, "SKINNY_RANK_BLOCK", 16)
-    monkeypatch.setattr(_launch, "GEMM_RANK_BLOCK", 16)
+    small_rank_chunks(monkeypatch)
     check_against_oracle(make_problem(20, 48, 24, 40, device=DEVICE), torch.float32, None, 0.2)
 
 
@@ -125,18 +133,8 @@ def test_rank_chunks(monkeypatch):
 def test_split_reductions(monkeypatch, programs):
     # 1000 programs wanted: the dy pass splits its columns (each split's
     # column sums its own), the shrink and dA their reductions.
-    splits = []
-    real = _launch.reduction_split
-
-    def recording(*args):
-        result = real(*args)
-        splits.append(result[0])
-        return result
-
-    monkeypatch.setattr(_launch, "target_programs", lambda device: programs)
-    monkeypatch.setattr(_launch, "reduction_split", recording)
-    M, K, N = (40, 100, 72) if DEVICE == "cpu" else (200, 600, 600)
-    check_against_oracle(make_problem(M, K, N, 4, device=DEVICE), torch.float32, None, 0.1)
+    splits = record_splits(monkeypatch, programs)
+    check_against_oracle(make_problem(*SPLIT_SHAPE, 4, device=DEVICE), torch.float32, None, 0.1)
     # forward shrink; backward shrink, dy pass, dA, dB
     assert len(splits) == 5
     assert all(s == 1 for s in splits) if programs == 1 else all(s > 1 for s in splits), splits

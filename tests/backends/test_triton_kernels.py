@@ -35,7 +35,18 @@ from lora_testing import (
     report_step_names,
     run_lora,
 )
-from triton_testing import DEVICE, REASON, TRITON_MARKS, _gemm_configs, _launch, tl, triton
+from triton_testing import (
+    DEVICE,
+    REASON,
+    SPLIT_SHAPE,
+    TRITON_MARKS,
+    _gemm_configs,
+    _launch,
+    record_splits,
+    small_rank_chunks,
+    tl,
+    triton,
+)
 
 pytestmark = TRITON_MARKS
 
@@ -197,28 +208,16 @@ def test_mixed_products_round_fp32_operands_to_tf32(dtype):
 def test_rank_chunks(monkeypatch):
     # Ranks above the chunk size: extra grid dimension in the skinny kernels,
     # several rank steps seeding the GEMM accumulators.
-    monkeypatch.setattr(_launch, "SKINNY_RANK_BLOCK", 16)
-    monkeypatch.setattr(_launch, "GEMM_RANK_BLOCK", 16)
+    small_rank_chunks(monkeypatch)
     check_against_oracle(make_problem(20, 48, 24, 40, device=DEVICE), torch.float32, None, 0.2)
 
 
 @pytest.mark.parametrize("programs", [1, 1000], ids=["split-off", "split-on"])
 def test_split_reductions(monkeypatch, programs):
     # 1 program wanted: never split; 1000: every reduction splits as far as its blocks allow.
-    splits = []
-    real = _launch.reduction_split
-
-    def recording(*args):
-        result = real(*args)
-        splits.append(result[0])
-        return result
-
-    monkeypatch.setattr(_launch, "target_programs", lambda device: programs)
-    monkeypatch.setattr(_launch, "reduction_split", recording)
-    # Enough blocks in every reduction to split, for the interpreter's or a GPU's blocks.
-    M, K, N = (40, 100, 72) if DEVICE == "cpu" else (200, 600, 600)
+    splits = record_splits(monkeypatch, programs)
     # dB through its ordered split pass (the default).
-    check_against_oracle(make_problem(M, K, N, 4, device=DEVICE), torch.float32, None, 0.1)
+    check_against_oracle(make_problem(*SPLIT_SHAPE, 4, device=DEVICE), torch.float32, None, 0.1)
     assert len(splits) == 4  # shrink, dS, dA, dB
     if programs == 1:
         assert splits == [1, 1, 1, 1]

@@ -39,6 +39,8 @@ from benchmarks.timing import CpuTimingBudget
 from benchmarks.validation import Reference, validate
 from lora_kernels.ops import registry
 
+from bench_testing import timed_row
+
 DORA_PROBLEM = Problem(96, 80, 128, 4, torch.float32, True, "cpu", variant=DORA)
 # Large enough for the dropout statistics to tell a wrong dropped term from noise.
 DORA_DROPOUT_PROBLEM = Problem(256, 128, 256, 8, torch.float32, True, "cpu", variant=DORA)
@@ -423,22 +425,8 @@ def test_first_call_without_dora_kernels_is_a_note(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------
 
 
-def _row(provider, ms, *, variant=DORA, saved=None, dtype="bf16", **fields):
-    problem = dict(
-        in_features=4096, out_features=4096, tokens=8192, rank=16, dropout=0.0, bias=False
-    )
-    problem.update(fields)
-    return report.Row(
-        dtype=dtype,
-        adapter_dtype=dtype,
-        mode=FORWARD_BACKWARD,
-        provider=provider,
-        status=report.OK,
-        variant=variant,
-        median_ms=ms,
-        saved_bytes=saved,
-        **problem,
-    )
+def _row(provider, ms, *, saved=None, **fields):
+    return timed_row(provider, ms, saved_bytes=saved, **{"variant": DORA, "dropout": 0.0, **fields})
 
 
 def test_targets_dora_gpu():

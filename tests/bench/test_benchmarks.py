@@ -41,6 +41,8 @@ from benchmarks.run import main as run_main
 from benchmarks.timing import CpuTimingBudget
 from benchmarks.validation import Reference, validate
 
+from bench_testing import timed_row
+
 PROBLEM = Problem(96, 80, 128, 4, torch.float32, True, "cpu")
 # Large enough for the dropout statistics to tell a missing 1/(1−p) (a 10% bias
 # of the LoRA term at p = 0.1) from noise with a wide margin (σ ≈ 0.008).
@@ -507,21 +509,8 @@ def test_quant_switch_and_rows():
 # --------------------------------------------------------------------------
 
 
-def _row(provider, ms, *, mode=FORWARD_BACKWARD, quant="none", peak=None, **problem):
-    fields = dict(in_features=4096, out_features=4096, tokens=8192, rank=16, dropout=0.1)
-    fields.update(problem)
-    return report.Row(
-        dtype="bf16",
-        adapter_dtype="bf16",
-        bias=False,
-        mode=mode,
-        provider=provider,
-        status=report.OK,
-        quant=quant,
-        median_ms=ms,
-        peak_bytes=peak,
-        **fields,
-    )
+def _row(provider, ms, *, peak=None, **fields):
+    return timed_row(provider, ms, peak_bytes=peak, **fields)
 
 
 def test_targets_dense_anchor():
@@ -568,12 +557,7 @@ def test_targets_cpu():
     shape = dict(in_features=2048, out_features=2048, tokens=4096, rank=16)
 
     def row(provider, ms, saved=None, **extra):
-        return dataclasses.replace(
-            _row(provider, ms, **{**shape, **extra}),
-            dtype="fp32",
-            adapter_dtype="fp32",
-            saved_bytes=saved,
-        )
+        return timed_row(provider, ms, dtype="fp32", saved_bytes=saved, **{**shape, **extra})
 
     budget = 4096 * 16 * 4 + 4096 * 2048 // 8
     rows = [

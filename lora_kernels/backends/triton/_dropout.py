@@ -101,3 +101,15 @@ def load_dropped_x(
     if DROPOUT:
         x = tl.where(keep_mask(seed, offs_m, k0, K, threshold, BLOCK_K, QUAD_ALIGNED), x, 0.0)
     return x
+
+
+@triton.jit
+def dropped_term(
+    acc, seed, offs_m, k0, K, threshold, keep_scale, BLOCK_K: tl.constexpr,
+    QUAD_ALIGNED: tl.constexpr
+):  # fmt: skip
+    """``acc``, the term of a dx tile of rows ``offs_m`` × columns ``k0 ..
+    k0 + BLOCK_K - 1`` that dropout acts on, under the tile's mask (of its
+    true, unwrapped, rows and columns) and scaled by 1/(1 − p)."""
+    keep = keep_mask(seed, offs_m, k0, K, threshold, BLOCK_K, QUAD_ALIGNED)
+    return tl.where(keep, acc * keep_scale, 0.0)

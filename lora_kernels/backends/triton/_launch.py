@@ -50,6 +50,21 @@ def wrap_triton(kernel: Callable):
     return kernel_wrapper(kernel)
 
 
+def in_kernel_order(kernel: Callable, args: dict) -> list:
+    """The values of ``args``, the leading (runtime) parameters of ``kernel``
+    by name, in the kernel's order: how a launcher shared by kernels whose
+    parameter lists differ (a variant's extra operands among them) passes them
+    positionally, as the autotuner needs (its pruning sees positional
+    arguments only). Constexprs follow by keyword."""
+    names = list(kernel.arg_names[: len(args)])
+    if set(names) != set(args):
+        raise TypeError(
+            f"not the kernel's leading parameters: {sorted(set(args) - set(names))} given, "
+            f"{sorted(set(names) - set(args))} missing"
+        )
+    return [args[name] for name in names]
+
+
 def launch_device(x: torch.Tensor):
     """Triton launches on the current CUDA device and stream: make that x's
     device, as the C++ ops do with a CUDAGuard (every op body runs in it)."""

@@ -30,70 +30,32 @@ import triton.language as tl
 from . import _launch
 from ._dot import mixed_dot
 from ._launch import wrap_triton
+from ._tiling import load_tile
+from .dy_pass import add_grad_b, row_program, store_grad_s
 
 
 # M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M"])
 def _dora_dy_pass_kernel(
-    dy_ptr,
-    gb_ptr,
-    s_ptr,
-    z_ptr,
-    ds_ptr,
-    db_ptr,
-    dg_ptr,
-    dbias_ptr,
-    M,
-    N,
-    R,
-    n_per_split,
-    stride_dym,
-    stride_dyn,
-    stride_gbn,
-    stride_gbr,
-    stride_sm,
-    stride_sr,
-    stride_zm,
-    stride_zn,
-    stride_ds_split,
-    stride_dsm,
-    stride_dsr,
-    stride_dbn,
-    stride_dbr,
-    stride_sums,
-    scaling,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    COMPUTE_DS: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    COMPUTE_DG: tl.constexpr,
-    COMPUTE_BIAS: tl.constexpr,
-    DS_PRECISION: tl.constexpr,
-    DB_PRECISION: tl.constexpr,
-):
+    dy_ptr, gb_ptr, s_ptr, z_ptr, ds_ptr, db_ptr, dg_ptr, dbias_ptr, M, N, R, n_per_split,
+    stride_dym, stride_dyn, stride_gbn, stride_gbr, stride_sm, stride_sr, stride_zm, stride_zn,
+    stride_ds_split, stride_dsm, stride_dsr, stride_dbn, stride_dbr, stride_sums, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, COMPUTE_DS: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, COMPUTE_DG: tl.constexpr, COMPUTE_BIAS: tl.constexpr,
+    DS_PRECISION: tl.constexpr, DB_PRECISION: tl.constexpr,
+):  # fmt: skip
     # Program (row tile, rank chunk, N split) -> dS[offs_m, ranks] (or its
     # partial sum over the split's columns), the column sums of its rows over
     # the split's columns, and dB contributions of its rows.
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_split = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    n_start = pid_split * n_per_split
-    n_end = tl.minimum(n_start + n_per_split, N)
+    pid_m, pid_r, pid_split, offs_m, offs_r, mask_m, mask_r, n_start, n_end = row_program(
+        M, N, R, n_per_split, BLOCK_M, BLOCK_R
+    )
     # The column sums are the first rank chunk's.
     sums_here = pid_r == 0
-    if COMPUTE_DB:
-        s = tl.load(
-            s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-            mask=mask_m[:, None] & mask_r[None, :],
-            other=0.0,
-        )
 
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if COMPUTE_DB:
+        s = load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         mask_n = offs_n < n_end
@@ -110,15 +72,10 @@ def _dora_dy_pass_kernel(
             )
             ds = mixed_dot(dy, gb, ds, DS_PRECISION)
         if COMPUTE_DB:
-            db = mixed_dot(
-                tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DB_PRECISION
-            )
-            tl.atomic_add(
-                db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-                db * scaling,
-                mask=mask_n[:, None] & mask_r[None, :],
-                sem="relaxed",
-            )
+            add_grad_b(
+                db_ptr, dy, s, offs_n, offs_r, mask_n, mask_r, stride_dbn, stride_dbr, scaling,
+                BLOCK_N, BLOCK_R, DB_PRECISION
+            )  # fmt: skip
         sums_offsets = pid_m * stride_sums + offs_n
         if COMPUTE_DG:
             z = tl.load(
@@ -136,14 +93,10 @@ def _dora_dy_pass_kernel(
                 dbias_ptr + sums_offsets, tl.sum(dy.to(tl.float32), axis=0), mask=mask_n & sums_here
             )
     if COMPUTE_DS:
-        tl.store(
-            ds_ptr
-            + pid_split * stride_ds_split
-            + offs_m[:, None] * stride_dsm
-            + offs_r[None, :] * stride_dsr,
-            ds * scaling,
-            mask=mask_m[:, None] & mask_r[None, :],
-        )
+        store_grad_s(
+            ds_ptr, ds, scaling, pid_split, stride_ds_split, offs_m, offs_r, stride_dsm,
+            stride_dsr, mask_m, mask_r
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,10 @@ from ...quant.nf4 import NF4Weight
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
 from ._dropout import DropoutArgs, load_dropped_x, quad_aligned
-from ._forward_tile import lora_and_output_args, lora_term, store_output
+from ._forward_tile import start_tile, store_output
 from ._launch import wrap_triton
-from ._tiling import grouped_tile
-from .nf4_weight_tile import WeightArgs, load_weight_tile
+from .forward_gemm import launch_forward
+from .nf4_weight_tile import load_weight_tile
 
 
 # M is not specialised (``do_not_specialize``: see _launch.py).
@@ -128,67 +128,21 @@ def _store_y_and_z(
 # M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _dora_forward_kernel(
-    x_ptr,
-    xd_ptr,
-    w_ptr,
-    absmax_ptr,
-    code_ptr,
-    bias_ptr,
-    s_ptr,
-    b_ptr,
-    g_ptr,
-    y_ptr,
-    z_ptr,
-    M,
-    N,
-    K,
-    R,
-    M_BUCKET,
-    stride_xm,
-    stride_xk,
-    stride_xdm,
-    stride_xdk,
-    stride_wn,
-    stride_wk,
-    stride_sm,
-    stride_sr,
-    stride_bn,
-    stride_br,
-    stride_g,
-    stride_ym,
-    stride_yn,
-    stride_zm,
-    stride_zn,
-    stride_bias,
-    scaling,
-    kept_fraction,
-    keep_scale,
-    HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    W_NF4: tl.constexpr,
-    NF4_BLOCKSIZE: tl.constexpr,
-    NF4_WORDS: tl.constexpr,
-    NF4_ALIGNED: tl.constexpr,
-    NF4_INT32: tl.constexpr,
-    LORA_PRECISION: tl.constexpr,
-    BASE_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    x_ptr, xd_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, s_ptr, b_ptr, g_ptr, y_ptr, z_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_xdm, stride_xdk, stride_wn, stride_wk,
+    stride_sm, stride_sr, stride_bn, stride_br, stride_g, stride_ym, stride_yn,
+    stride_zm, stride_zn, stride_bias, scaling, kept_fraction, keep_scale,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, NF4_WORDS: tl.constexpr,
+    NF4_ALIGNED: tl.constexpr, NF4_INT32: tl.constexpr,
+    LORA_PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     # Wrapped edge rows/columns, x's rows past M not read: as forward_gemm.
-    rows = offs_m % M
-    cols = offs_n % N
-    mask_m = offs_m < M
-
-    lora = lora_term(
-        s_ptr, b_ptr, rows, cols, R, stride_sm, stride_sr, stride_bn, stride_br, scaling,
-        LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N
+    _, offs_m, offs_n, rows, cols, mask_m, lora = start_tile(
+        s_ptr, b_ptr, M, N, R, stride_sm, stride_sr, stride_bn, stride_br, scaling,
+        LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N, GROUP_M
     )  # fmt: skip
     acc_x = lora
     # With dropout Z's accumulator is scaled by 1/(1 − p) at the end: its LoRA
@@ -199,35 +153,15 @@ def _dora_forward_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < K
         w_t = load_weight_tile(
-            w_ptr,
-            absmax_ptr,
-            code_ptr,
-            cols,
-            offs_k,
-            k0,
-            mask_k,
-            stride_wn,
-            stride_wk,
-            K,
-            W_NF4,
-            NF4_BLOCKSIZE,
-            NF4_WORDS,
-            NF4_ALIGNED,
-            NF4_INT32,
-            x_ptr.dtype.element_ty,
-            True,
-        )
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
+            w_ptr, absmax_ptr, code_ptr, cols, offs_k, k0, mask_k, stride_wn, stride_wk, K,
+            W_NF4, NF4_BLOCKSIZE, NF4_WORDS, NF4_ALIGNED, NF4_INT32, x_ptr.dtype.element_ty, True
+        )  # fmt: skip
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        mask_x = mask_m[:, None] & mask_k[None, :]  # both x tiles'
+        x = tl.load(x_ptrs, mask=mask_x, other=0.0)
         if DROPOUT:
-            x_dropped = tl.load(
-                xd_ptr + rows[:, None] * stride_xdm + offs_k[None, :] * stride_xdk,
-                mask=mask_m[:, None] & mask_k[None, :],
-                other=0.0,
-            )
+            xd_ptrs = xd_ptr + rows[:, None] * stride_xdm + offs_k[None, :] * stride_xdk
+            x_dropped = tl.load(xd_ptrs, mask=mask_x, other=0.0)
             acc_x = mixed_dot(x, w_t, acc_x, BASE_PRECISION)
             acc_z = mixed_dot(x_dropped, w_t, acc_z, BASE_PRECISION)
         else:
@@ -258,70 +192,28 @@ def dora_forward_gemm(
     """(y, Z) in x's dtype for 2-D x with M ≥ 1; ``x_dropped`` is D⊙x
     (``drop_input``) when ``dropout`` is enabled, else None. W0 (``weight``)
     dense or an ``NF4Weight``, decoded tile by tile."""
-    M, K = x.shape
-    N = weight.shape[0]
-    w = WeightArgs.of(weight, K, x.dtype)
-    R = lora_B.shape[1]
-    y = x.new_empty((M, N))
-    Z = x.new_empty((M, N))
+    Z = x.new_empty(x.shape[0], weight.shape[0])
     xd = x_dropped if dropout.enabled else x
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    precision = _launch.dot_precision(x.dtype, w.dtype)
-    kernel, tile = _gemm_configs.launch_choice(
+    y = launch_forward(
         _dora_forward_kernel,
         _dora_forward_kernel_tuned,
-        M,
-        N,
-        x.dtype,
-        x.device,
-        "BLOCK_N",
-        "BLOCK_K",
-        max_elements_per_thread=(
-            _gemm_configs.two_accumulator_elements(precision) if dropout.enabled else None
-        ),
-    )
-    tile = _gemm_configs.weight_tile(
-        w, tile, M, N, x.device, "BLOCK_N", "BLOCK_K", precision, gemv=True
-    )
-    if dropout.enabled:
-        tile = _gemm_configs.fit_second_left_operand(
-            w, tile, x.element_size(), x.device, "BLOCK_N", "BLOCK_K"
-        )
-    wrap_triton(kernel)[grid](
         x,
-        xd,
-        w.data,
-        w.absmax,
-        w.table,
-        bias if bias is not None else x,
+        weight,
+        bias,
         S,
         lora_B,
-        g,
-        y,
-        Z,
-        M,
-        N,
-        K,
-        R,
-        _launch.size_class(M),
-        x.stride(0),
-        x.stride(1),
-        xd.stride(0),
-        xd.stride(1),
-        w.stride_n,
-        w.stride_k,
+        scaling,
+        second_left_operand=dropout.enabled,
+        constexprs={"DROPOUT": dropout.enabled},
+        xd_ptr=xd,
+        g_ptr=g,
+        z_ptr=Z,
+        stride_xdm=xd.stride(0),
+        stride_xdk=xd.stride(1),
         stride_g=g.stride(0),
         stride_zm=Z.stride(0),
         stride_zn=Z.stride(1),
         kept_fraction=1.0 / dropout.keep_scale,
         keep_scale=dropout.keep_scale,
-        **lora_and_output_args(S, lora_B, y, bias, scaling),
-        DROPOUT=dropout.enabled,
-        **w.constexprs(),
-        BASE_PRECISION=precision,
-        **tile,
     )
     return y, Z

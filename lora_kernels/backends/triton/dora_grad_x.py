@@ -23,71 +23,32 @@ import triton
 import triton.language as tl
 
 from ...quant.nf4 import NF4Weight
-from . import _gemm_configs, _launch
+from . import _gemm_configs
 from ._dot import mixed_dot, round_to_operand
-from ._dropout import DropoutArgs, keep_mask, quad_aligned
-from ._forward_tile import lora_term
-from ._launch import wrap_triton
-from ._tiling import grouped_tile
-from .nf4_weight_tile import WeightArgs, load_weight_tile
+from ._dropout import DropoutArgs, dropped_term
+from ._forward_tile import start_tile, store_tile
+from .grad_x import launch_grad_x
+from .nf4_weight_tile import load_weight_tile
 
 
 # M is not specialised (``do_not_specialize``: see _launch.py).
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _dora_grad_x_kernel(
-    dy_ptr,
-    w_ptr,
-    absmax_ptr,
-    code_ptr,
-    ds_ptr,
-    a_ptr,
-    g_ptr,
-    seed_ptr,
-    dx_ptr,
-    M,
-    N,
-    K,
-    R,
-    M_BUCKET,
-    stride_dym,
-    stride_dyn,
-    stride_wn,
-    stride_wk,
-    stride_dsm,
-    stride_dsr,
-    stride_ar,
-    stride_ak,
-    stride_g,
-    stride_dxm,
-    stride_dxk,
-    threshold,
-    keep_scale,
-    DROPOUT: tl.constexpr,
-    QUAD_ALIGNED: tl.constexpr,
-    W_NF4: tl.constexpr,
-    NF4_BLOCKSIZE: tl.constexpr,
-    NF4_WORDS: tl.constexpr,
-    NF4_ALIGNED: tl.constexpr,
-    NF4_INT32: tl.constexpr,
-    LORA_PRECISION: tl.constexpr,
-    BASE_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    rows = offs_m % M
-    cols = offs_k % K
+    dy_ptr, w_ptr, absmax_ptr, code_ptr, ds_ptr, a_ptr, g_ptr, seed_ptr, dx_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr, stride_ar, stride_ak,
+    stride_g, stride_dxm, stride_dxk, threshold, keep_scale,
+    DROPOUT: tl.constexpr, QUAD_ALIGNED: tl.constexpr,
+    W_NF4: tl.constexpr, NF4_BLOCKSIZE: tl.constexpr, NF4_WORDS: tl.constexpr,
+    NF4_ALIGNED: tl.constexpr, NF4_INT32: tl.constexpr,
+    LORA_PRECISION: tl.constexpr, BASE_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     operand_dtype = dx_ptr.dtype.element_ty
-
     # dS·A with the forward's rank arithmetic: A (r×K) read as the N×r B there.
-    acc = lora_term(
-        ds_ptr, a_ptr, rows, cols, R, stride_dsm, stride_dsr, stride_ak, stride_ar, 1.0,
-        LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K
+    pid_k, offs_m, offs_k, rows, cols, _, acc = start_tile(
+        ds_ptr, a_ptr, M, K, R, stride_dsm, stride_dsr, stride_ak, stride_ar, 1.0,
+        LORA_PRECISION, BLOCK_R, BLOCK_M, BLOCK_K, GROUP_M
     )  # fmt: skip
     if DROPOUT:
         acc_base = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -102,24 +63,10 @@ def _dora_grad_x_kernel(
         )
         g = tl.load(g_ptr + offs_n * stride_g, mask=mask_n, other=0.0).to(tl.float32)
         w = load_weight_tile(
-            w_ptr,
-            absmax_ptr,
-            code_ptr,
-            offs_n,
-            cols,
-            pid_k * BLOCK_K,
-            mask_n,
-            stride_wn,
-            stride_wk,
-            K,
-            W_NF4,
-            NF4_BLOCKSIZE,
-            NF4_WORDS,
-            NF4_ALIGNED,
-            NF4_INT32,
-            operand_dtype,
-            False,
-        )
+            w_ptr, absmax_ptr, code_ptr, offs_n, cols, pid_k * BLOCK_K, mask_n, stride_wn,
+            stride_wk, K, W_NF4, NF4_BLOCKSIZE, NF4_WORDS, NF4_ALIGNED, NF4_INT32,
+            operand_dtype, False
+        )  # fmt: skip
         if DROPOUT:
             acc_base = mixed_dot(dy, w, acc_base, BASE_PRECISION)
             scaled = round_to_operand(dy.to(tl.float32) * (g - 1.0)[None, :], operand_dtype)
@@ -128,16 +75,11 @@ def _dora_grad_x_kernel(
         acc = mixed_dot(scaled, w, acc, BASE_PRECISION)
 
     if DROPOUT:
-        # The mask of the tile's true (unwrapped) rows and columns.
-        keep = keep_mask(
-            tl.load(seed_ptr), offs_m, pid_k * BLOCK_K, K, threshold, BLOCK_K, QUAD_ALIGNED
-        )
-        acc = acc_base + tl.where(keep, acc * keep_scale, 0.0)
-    tl.store(
-        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-        acc.to(operand_dtype),
-        mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],
-    )
+        acc = acc_base + dropped_term(
+            acc, tl.load(seed_ptr), offs_m, pid_k * BLOCK_K, K, threshold, keep_scale, BLOCK_K,
+            QUAD_ALIGNED
+        )  # fmt: skip
+    store_tile(acc, dx_ptr, offs_m, offs_k, M, K, stride_dxm, stride_dxk)
 
 
 _dora_grad_x_kernel_tuned = _gemm_configs.tuned(
@@ -154,66 +96,18 @@ def dora_grad_x_gemm(
     x: torch.Tensor,
     dropout: DropoutArgs,
 ) -> torch.Tensor:
-    """dx (M×K, x's dtype, contiguous) for M ≥ 1; ``x`` gives the shape and dtype.
-    W0 (``weight``) dense or an ``NF4Weight``, decoded tile by tile."""
-    M, K = x.shape
-    N = weight.shape[0]
-    w = WeightArgs.of(weight, K, x.dtype)
-    R = lora_A.shape[0]
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-
-    precision = _launch.dot_precision(x.dtype, grad_y.dtype, w.dtype)
-    kernel, tile = _gemm_configs.launch_choice(
+    """DoRA's dx (M×K, x's dtype, contiguous) for M ≥ 1, g the column scale
+    ((N,)); ``x``, ``weight`` and ``dropout`` as in ``grad_x.grad_x_gemm``."""
+    return launch_grad_x(
         _dora_grad_x_kernel,
         _dora_grad_x_kernel_tuned,
-        M,
-        K,
-        x.dtype,
-        x.device,
-        "BLOCK_K",
-        "BLOCK_N",
-        max_elements_per_thread=(
-            _gemm_configs.two_accumulator_elements(precision) if dropout.enabled else None
-        ),
-    )
-    tile = _gemm_configs.weight_tile(w, tile, M, K, x.device, "BLOCK_K", "BLOCK_N", precision)
-    wrap_triton(kernel)[grid](
         grad_y,
-        w.data,
-        w.absmax,
-        w.table,
+        weight,
         dS,
         lora_A,
-        g,
-        dropout.seed,
-        dx,
-        M,
-        N,
-        K,
-        R,
-        _launch.size_class(M),
-        grad_y.stride(0),
-        grad_y.stride(1),
-        w.stride_n,
-        w.stride_k,
-        dS.stride(0),
-        dS.stride(1),
-        lora_A.stride(0),
-        lora_A.stride(1),
-        g.stride(0),
-        dx.stride(0),
-        dx.stride(1),
-        dropout.threshold,
-        dropout.keep_scale,
-        DROPOUT=dropout.enabled,
-        QUAD_ALIGNED=quad_aligned(K),
-        **w.constexprs(),
-        LORA_PRECISION=_launch.dot_precision(x.dtype, dS.dtype, lora_A.dtype),
-        BASE_PRECISION=precision,
-        BLOCK_R=_launch.rank_block(R, _launch.GEMM_RANK_BLOCK),
-        **tile,
+        x,
+        dropout,
+        two_accumulators=True,
+        g_ptr=g,
+        stride_g=g.stride(0),
     )
-    return dx

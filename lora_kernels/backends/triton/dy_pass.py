@@ -9,7 +9,9 @@ the dy pass also adds each column tile's dB contribution (dyᵀ·S of its
 offs_m) into an fp32 buffer with atomics, saving that second read at the
 cost of a summation order that varies from run to run.
 Both accumulate in fp32; dB's dots take S in fp32, so they run in TF32 for
-fp16/bf16 inputs (``_launch.dot_precision``).
+fp16/bf16 inputs (``_launch.dot_precision``). DoRA's dy pass
+(dora_dy_pass.py) adds dB and stores dS with the same ``add_grad_b`` and
+``store_grad_s``.
 """
 
 from __future__ import annotations
@@ -21,41 +23,14 @@ import triton.language as tl
 from . import _launch
 from ._dot import mixed_dot
 from ._launch import wrap_triton
+from ._tiling import load_tile
 
 
-# M is not specialised (``do_not_specialize``: see _launch.py).
-@triton.jit(do_not_specialize=["M"])
-def _dy_pass_kernel(
-    dy_ptr,
-    b_ptr,
-    s_ptr,
-    ds_ptr,
-    db_ptr,
-    M,
-    N,
-    R,
-    n_per_split,
-    stride_dym,
-    stride_dyn,
-    stride_bn,
-    stride_br,
-    stride_sm,
-    stride_sr,
-    stride_ds_split,
-    stride_dsm,
-    stride_dsr,
-    stride_dbn,
-    stride_dbr,
-    scaling,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    DS_PRECISION: tl.constexpr,
-    DB_PRECISION: tl.constexpr,
-):
-    # Program (row tile, rank chunk, N split) -> dS[offs_m, ranks] (or its partial
-    # sum over the split's columns), and dB contributions of its offs_m.
+@triton.jit
+def row_program(M, N, R, n_per_split, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(pid_m, pid_r, pid_split, offs_m, offs_r, mask_m, mask_r, n_start,
+    n_end) of a dy pass program (row tile, rank chunk, N split): its ids, its
+    rows and ranks with their masks, and the columns of its split."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_split = tl.program_id(2)
@@ -65,12 +40,56 @@ def _dy_pass_kernel(
     mask_r = offs_r < R
     n_start = pid_split * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
+    return pid_m, pid_r, pid_split, offs_m, offs_r, mask_m, mask_r, n_start, n_end
+
+
+@triton.jit
+def add_grad_b(
+    db_ptr, dy, s, offs_n, offs_r, mask_n, mask_r, stride_dbn, stride_dbr, scaling,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DB_PRECISION: tl.constexpr
+):  # fmt: skip
+    """dB[offs_n, offs_r] += scaling·dyᵀ·S of a dy tile and its rows' S, with atomics."""
+    db = mixed_dot(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DB_PRECISION)
+    tl.atomic_add(
+        db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+        db * scaling,
+        mask=mask_n[:, None] & mask_r[None, :],
+        sem="relaxed",
+    )
+
+
+@triton.jit
+def store_grad_s(
+    ds_ptr, ds, scaling, pid_split, stride_ds_split, offs_m, offs_r, stride_dsm, stride_dsr,
+    mask_m, mask_r
+):  # fmt: skip
+    """dS[offs_m, offs_r] (its split's partial sum) = scaling·``ds``."""
+    tl.store(
+        ds_ptr
+        + pid_split * stride_ds_split
+        + offs_m[:, None] * stride_dsm
+        + offs_r[None, :] * stride_dsr,
+        ds * scaling,
+        mask=mask_m[:, None] & mask_r[None, :],
+    )
+
+
+# M is not specialised (``do_not_specialize``: see _launch.py).
+@triton.jit(do_not_specialize=["M"])
+def _dy_pass_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R, n_per_split,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_ds_split, stride_dsm, stride_dsr, stride_dbn, stride_dbr, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, DS_PRECISION: tl.constexpr, DB_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # Program (row tile, rank chunk, N split) -> dS[offs_m, ranks] (or its partial
+    # sum over the split's columns), and dB contributions of its offs_m.
+    _, _, pid_split, offs_m, offs_r, mask_m, mask_r, n_start, n_end = row_program(
+        M, N, R, n_per_split, BLOCK_M, BLOCK_R
+    )
     if COMPUTE_DB:
-        s = tl.load(
-            s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-            mask=mask_m[:, None] & mask_r[None, :],
-            other=0.0,
-        )
+        s = load_tile(s_ptr, offs_m, offs_r, stride_sm, stride_sr, mask_m, mask_r)
 
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -88,23 +107,14 @@ def _dy_pass_kernel(
         )
         ds = mixed_dot(dy, b, ds, DS_PRECISION)
         if COMPUTE_DB:
-            db = mixed_dot(
-                tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), DB_PRECISION
-            )
-            tl.atomic_add(
-                db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
-                db * scaling,
-                mask=mask_n[:, None] & mask_r[None, :],
-                sem="relaxed",
-            )
-    tl.store(
-        ds_ptr
-        + pid_split * stride_ds_split
-        + offs_m[:, None] * stride_dsm
-        + offs_r[None, :] * stride_dsr,
-        ds * scaling,
-        mask=mask_m[:, None] & mask_r[None, :],
-    )
+            add_grad_b(
+                db_ptr, dy, s, offs_n, offs_r, mask_n, mask_r, stride_dbn, stride_dbr, scaling,
+                BLOCK_N, BLOCK_R, DB_PRECISION
+            )  # fmt: skip
+    store_grad_s(
+        ds_ptr, ds, scaling, pid_split, stride_ds_split, offs_m, offs_r, stride_dsm, stride_dsr,
+        mask_m, mask_r
+    )  # fmt: skip
 
 
 # M is not specialised (``do_not_specialize``: see _launch.py).

@@ -30,7 +30,12 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import _gemm_configs, _launch
 from ._dot import mixed_dot
-from ._forward_tile import lora_and_output_args, lora_term, store_output
+from ._forward_tile import (
+    lora_and_output_args,
+    lora_and_output_constexprs,
+    lora_term,
+    store_output,
+)
 from ._launch import wrap_triton
 from ._tiling import grouped_tile
 
@@ -189,6 +194,7 @@ def forward_gemm_persistent(
         R,
         programs,
         **lora_and_output_args(S, lora_B, y, bias, scaling),
+        **lora_and_output_constexprs(S, lora_B, y, bias),
         BASE_PRECISION=_launch.dot_precision(x.dtype, weight.dtype),
         BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_cols,
